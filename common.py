@@ -1,0 +1,646 @@
+"""Shared pieces of the "Random Teachers are Good Teachers" reproduction (Sarnthein et al., ICML 2023).
+
+Models (encoders of paper Table 5 + the DINO-style projection head with its L2 bottleneck),
+the locality-α student init (§4), device-resident data, the training loop, the linear and k-NN
+probes (§3, App. C.1) and checkpoint I/O. Nothing here knows about any one experiment; the
+scripts next to this file (distill.py, probe.py, ...) are the experiments.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+
+class UserError(Exception):
+    """Bad input from the command line or the file system: reported in one line, exit code 2."""
+
+
+def arg_parser(description):
+    """argparse, but a bad flag is one line on stderr (no usage dump) and exit code 2."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(message):
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    parser.error = error
+    return parser
+
+
+def run_main(main):
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoders (SPEC §1, paper Table 5). The encoder output is the embedding that gets probed.
+
+NORMS = ["batch", "instance", "group8", "layer", "none"]
+
+
+def norm_layer(norm):
+    """Factory C -> module for `--norm` (App. B.1). Instance/group/layer norm are all GroupNorm."""
+    return {
+        "batch": nn.BatchNorm2d,
+        "instance": lambda c: nn.GroupNorm(c, c),
+        "group8": lambda c: nn.GroupNorm(c // 8, c),   # 8 channels per group
+        "layer": lambda c: nn.GroupNorm(1, c),
+        "none": lambda c: nn.Identity(),
+    }[norm]
+
+
+VGG_CFGS = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"],
+}
+
+
+def vgg(cfg, norm):
+    """torchvision's VGG `features` (conv bias on), no avgpool, no classifier, flattened.
+    The paper removes BatchNorm from VGG11 (§4) to rule out batch-dependent signal."""
+    layers, c_in = [], 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(c_in, v, 3, padding=1)]
+            layers += [] if norm == "none" else [norm_layer(norm)(v)]
+            layers += [nn.ReLU(inplace=True)]
+            c_in = v
+    return nn.Sequential(*layers, nn.Flatten())
+
+
+def torchvision_resnet(arch, norm):
+    """torchvision ResNet with the CIFAR stem (App. E.1): 3x3 stride-1 conv1, no maxpool, no fc."""
+    net = getattr(torchvision.models, arch)(norm_layer=norm_layer(norm))
+    net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+class CifarBlock(nn.Module):
+    """BasicBlock of He et al. (2016) CIFAR ResNets, 1x1 conv + norm projection when shape changes."""
+
+    def __init__(self, c_in, c_out, stride, norm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = norm_layer(norm)(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = norm_layer(norm)(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          norm_layer(norm)(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def cifar_resnet(blocks_per_stage, norm):
+    """ResNet20/56 (paper Table 5, 'ResNet20*'): 16/32/64 channels, global average pool."""
+    layers, c_in = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), norm_layer(norm)(16), nn.ReLU(inplace=True)], 16
+    for i, c in enumerate([16, 32, 64]):
+        for j in range(blocks_per_stage):
+            layers.append(CifarBlock(c_in, c, 2 if (i > 0 and j == 0) else 1, norm))
+            c_in = c
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+class ViT(nn.Module):
+    """A standard pre-norm ViT with CLS-token output, patch 8 on 32 px (App. C.2). Note: the paper's
+    ViT parameter counts come from a non-standard model (one block shared across layers), so ours
+    do not match Table 5 for ViTs."""
+
+    def __init__(self, width, heads, depth=12, patch=8, img_size=32):
+        super().__init__()
+        self.patch = patch
+        self.patch_embed = nn.Linear(3 * patch * patch, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch) ** 2, width))
+        layer = lambda: nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0,
+                                                   activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.ModuleList([layer() for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x):
+        p = self.patch
+        x = F.unfold(x, p, stride=p).transpose(1, 2)              # B x patches x 3*p*p
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), self.patch_embed(x)], 1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x[:, 0])
+
+
+VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_medium": (512, 8), "vit_base": (768, 12)}
+RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+CIFAR_RESNETS = {"resnet20": 3, "resnet56": 9}
+ARCHS = [*VGG_CFGS, *RESNETS, *CIFAR_RESNETS, *VITS, "flatten"]
+DEFAULT_NORM = {**{a: "none" for a in VGG_CFGS}, **{a: "batch" for a in [*RESNETS, *CIFAR_RESNETS]},
+                **{a: "layer" for a in VITS}, "flatten": "none"}
+
+
+def make_encoder(arch, norm=None, generator=None, img_size=32):
+    """The encoder g_psi of paper §3 with `.embed_dim`; all init randomness from `generator`."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    norm = norm or DEFAULT_NORM[arch]
+    if norm not in NORMS:
+        raise UserError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
+    if arch in VITS and norm != "layer":
+        raise UserError(f"{arch} uses LayerNorm; --norm applies to the convnets only")
+    if arch in VGG_CFGS:
+        enc, embed = vgg(VGG_CFGS[arch], norm), 512 * (img_size // 32) ** 2
+    elif arch in RESNETS:
+        enc, embed = torchvision_resnet(arch, norm), RESNETS[arch]
+    elif arch in CIFAR_RESNETS:
+        enc, embed = cifar_resnet(CIFAR_RESNETS[arch], norm), 64
+    elif arch in VITS:
+        width, heads = VITS[arch]
+        enc, embed = ViT(width, heads, img_size=img_size), width
+    else:  # the flattened-input baseline of Table 1 ("input")
+        enc, embed = nn.Flatten(), 3 * img_size * img_size
+    enc.embed_dim = embed
+    init_weights(enc, generator)
+    return enc
+
+
+@torch.no_grad()
+def init_weights(module, generator=None):
+    """Kaiming init as torchvision does it (conv: normal, fan_out, relu; norm: 1/0), linear layers
+    trunc-normal(0.02) with zero bias (DINO head, App. E.1). Every draw comes from `generator`,
+    in module order, so one seed fixes one network."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+        elif isinstance(m, nn.Linear) or isinstance(m, nn.MultiheadAttention):
+            for name, p in m.named_parameters(recurse=False):
+                if p.dim() > 1:
+                    nn.init.trunc_normal_(p, std=0.02, generator=generator)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+        elif isinstance(m, ViT):
+            nn.init.trunc_normal_(m.cls_token, std=0.02, generator=generator)
+            nn.init.trunc_normal_(m.pos_embed, std=0.02, generator=generator)
+        for name, p in m.named_parameters(recurse=False):
+            if "bias" in name:
+                nn.init.zeros_(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Projection head with the L2 bottleneck (App. A, App. B.2, App. E.1).
+
+# The bottleneck as 6 on/off fields, in the order of Fig. 12's legend.
+BOTTLENECK_FIELDS = ["wn1", "lin1", "fn1", "wn2", "lin2", "fn2"]
+BOTTLENECKS = {
+    "paper": "011110",    # App. A as written: linear+bias -> L2 normalize -> weight-normalized linear
+    "authors": "011010",  # the authors' runs (SPEC §1): the last layer's weight norm had no effect
+}
+
+
+def parse_bottleneck(spec):
+    """'paper', 'authors' or a 6-digit bit string wn1 lin1 fn1 wn2 lin2 fn2 -> dict of bools."""
+    bits = BOTTLENECKS.get(spec, spec)
+    if len(bits) != 6 or set(bits) - {"0", "1"}:
+        raise UserError(f"bad --bottleneck {spec!r}: use 'paper', 'authors' or 6 bits "
+                        f"{'/'.join(BOTTLENECK_FIELDS)}, e.g. 011110")
+    on = dict(zip(BOTTLENECK_FIELDS, (b == "1" for b in bits)))
+    for i in "12":
+        if on["wn" + i] and not on["lin" + i]:
+            raise UserError(f"bad --bottleneck {spec!r}: wn{i} needs lin{i}")
+    return on
+
+
+class NormedLinear(nn.Linear):
+    """Linear whose output units have unit-norm weight rows when `weight_norm` (||V_:,i|| = 1)."""
+
+    def __init__(self, d_in, d_out, bias, weight_norm):
+        super().__init__(d_in, d_out, bias=bias)
+        self.weight_norm = weight_norm
+
+    def forward(self, x):
+        w = F.normalize(self.weight, dim=1) if self.weight_norm else self.weight
+        return F.linear(x, w, self.bias)
+
+
+class Head(nn.Module):
+    """MLP embed->2048->2048 (GELU after each), then the L2 bottleneck: 2048->256 with bias,
+    L2-normalize, then 256->out_dim without bias (weight-normalized in the paper's text)."""
+
+    def __init__(self, embed_dim, out_dim=65536, bottleneck="paper", hidden=2048, bottleneck_dim=256):
+        super().__init__()
+        on = parse_bottleneck(bottleneck)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
+        d = hidden
+        self.lin1 = NormedLinear(d, bottleneck_dim, True, on["wn1"]) if on["lin1"] else None
+        d = bottleneck_dim if on["lin1"] else d
+        self.lin2 = NormedLinear(d, out_dim, False, on["wn2"]) if on["lin2"] else None
+        self.fn1, self.fn2 = on["fn1"], on["fn2"]
+        self.out_dim = out_dim if on["lin2"] else d
+
+    def forward(self, x):
+        x = self.mlp(x)
+        if self.lin1 is not None:
+            x = self.lin1(x)
+        if self.fn1:
+            x = F.normalize(x.float(), dim=-1, eps=1e-12).to(x.dtype)
+        if self.lin2 is not None:
+            x = self.lin2(x)
+        if self.fn2:
+            x = F.normalize(x.float(), dim=-1, eps=1e-12).to(x.dtype)
+        return x
+
+
+class Model(nn.Module):
+    """f_theta = h_phi o g_psi (paper §3): `.encoder` is probed, `.head` produces the logits."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def make_model(arch, out_dim=65536, bottleneck="paper", norm=None, img_size=32, generator=None):
+    encoder = make_encoder(arch, norm, generator, img_size)
+    head = Head(encoder.embed_dim, out_dim, bottleneck)
+    init_weights(head, generator)
+    return Model(encoder, head)
+
+
+@torch.no_grad()
+def locality_init(teacher, fresh, alpha):
+    """Student init of §4: theta_S = ((1-a) theta_T + a theta_R) / sqrt((1-a)^2 + a^2), on every
+    parameter; buffers (BN running stats) stay those of the fresh init. Modifies `fresh`.
+    In float32, alpha=1e-10 is alpha=0: the student starts as a bit-exact copy of the teacher
+    (SPEC §2; it escapes through floating-point residue amplified by Adam)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"--alpha must lie in [0, 1], got {alpha}")
+    delta = math.sqrt((1 - alpha) ** 2 + alpha ** 2)   # keeps the init's variance for any alpha
+    for p_s, p_t in zip(fresh.parameters(), teacher.parameters()):
+        p_s.copy_(((1 - alpha) * p_t + alpha * p_s) / delta)
+    return fresh
+
+
+def flat_params(model):
+    return torch.cat([p.detach().float().flatten() for p in model.parameters()])
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: each split decoded once into a uint8 tensor, cached on disk, kept on the device.
+
+DATASETS = {
+    # name: (classes, image size, mean, std)
+    "cifar10": (10, 32, (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
+    "cifar100": (100, 32, (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
+    "stl10": (10, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),        # 96 px resized to 32
+    "tinyimagenet": (200, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagefolder": (None, None, None, None),   # classes, size and stats read off the data
+    "fake": (10, 32, None, None),              # small synthetic set for tests and dry runs
+}
+NOISE = "gaussian"   # distill on x ~ N(0, 1) shaped like the probe dataset (Fig. 4)
+
+EXPECTED_FILES = {
+    "cifar10": "ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch}",
+    "cifar100": "ROOT/cifar-100-python/{train,test}",
+    "stl10": "ROOT/stl10_binary/{train,test}_{X,y}.bin",
+    "tinyimagenet": "ROOT/tiny-imagenet-200/{train/<wnid>/images/*.JPEG,val/images/*.JPEG,val/val_annotations.txt}",
+    "imagefolder": "ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg",
+}
+
+
+def _missing(name, root, why=""):
+    return UserError(
+        f"{name} not found under {root!r}{why}: expected {EXPECTED_FILES[name].replace('ROOT', root)}. "
+        f"Offline, any tree ROOT/train/<class>/* + ROOT/test/<class>/* works with --dataset imagefolder "
+        f"(e.g. tar -xzf cifar10-jpeg.tar.gz, then --data-root cifar10-jpeg)")
+
+
+def _torchvision_split(name, root, train):
+    """CIFAR-10/100 and STL-10 through torchvision, downloaded when missing and online."""
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+           "stl10": torchvision.datasets.STL10}[name]
+    kw = dict(train=train) if name != "stl10" else dict(split="train" if train else "test")
+    try:
+        ds = cls(root, download=False, **kw)
+    except RuntimeError:
+        try:
+            ds = cls(root, download=True, **kw)
+        except Exception as e:
+            raise _missing(name, root, f" and the download failed ({type(e).__name__})") from None
+    if name == "stl10":
+        x, y = torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
+        x = F.interpolate(x.float(), size=32, mode="bilinear", antialias=True).round().clamp(0, 255).byte()
+    else:
+        x, y = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+    return x, y
+
+
+def _decode(files):
+    imgs = []
+    for f in files:
+        with Image.open(f) as im:
+            imgs.append(np.asarray(im.convert("RGB")))
+    if len({i.shape for i in imgs}) > 1:
+        raise UserError(f"images under {os.path.dirname(files[0])!r} differ in size; resize them first")
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+
+
+def _imagefolder_split(root, train):
+    split_dir = os.path.join(root, "train" if train else "test")
+    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))) \
+        if os.path.isdir(split_dir) else []
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        fs = sorted(glob.glob(os.path.join(split_dir, c, "*")))
+        files += fs
+        labels += [i] * len(fs)
+    if not files:
+        raise _missing("imagefolder", root)
+    return _decode(files), torch.tensor(labels)
+
+
+def _tinyimagenet_split(root, train):
+    base = os.path.join(root, "tiny-imagenet-200")
+    if not os.path.isdir(base):
+        try:
+            torchvision.datasets.utils.download_and_extract_archive(
+                "http://cs231n.stanford.edu/tiny-imagenet-200.zip", root)
+        except Exception as e:
+            raise _missing("tinyimagenet", root, f" and the download failed ({type(e).__name__})") from None
+    wnids = sorted(os.listdir(os.path.join(base, "train")))
+    index = {w: i for i, w in enumerate(wnids)}
+    if train:
+        files = sorted(glob.glob(os.path.join(base, "train", "*", "images", "*.JPEG")))
+        labels = [index[f.split(os.sep)[-3]] for f in files]
+    else:   # the labelled val split serves as test set (SPEC §3)
+        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
+            rows = sorted(line.split("\t")[:2] for line in f)
+        files = [os.path.join(base, "val", "images", r[0]) for r in rows]
+        labels = [index[r[1]] for r in rows]
+    return _decode(files), torch.tensor(labels)
+
+
+def _fake_split(train):
+    """10 classes, each a fixed smooth random template plus pixel noise: learnable, but not trivially."""
+    g = torch.Generator().manual_seed(0)
+    templates = F.interpolate(torch.rand(10, 3, 4, 4, generator=g), size=32, mode="bilinear")
+    n = 512 if train else 256
+    g.manual_seed(1 if train else 2)
+    y = torch.arange(n) % 10
+    x = 0.3 * templates[y] + 0.7 * torch.rand(n, 3, 32, 32, generator=g)
+    return (x * 255).round().byte(), y
+
+
+def load_split(name, root, train):
+    """(x uint8 [N,3,H,W], y int64 [N]) on the CPU; decoded once and cached next to the data."""
+    if name == "fake":
+        return _fake_split(train)
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose from {', '.join([*DATASETS, NOISE])}")
+    root = os.path.expanduser(root)
+    cache = os.path.join(root, f"{name}-{'train' if train else 'test'}.uint8.pt")
+    if os.path.exists(cache):
+        d = torch.load(cache, weights_only=True)
+        return d["x"], d["y"]
+    if name == "imagefolder":
+        x, y = _imagefolder_split(root, train)
+    elif name == "tinyimagenet":
+        x, y = _tinyimagenet_split(root, train)
+    else:
+        x, y = _torchvision_split(name, root, train)
+    try:
+        atomic_save({"x": x, "y": y}, cache)
+    except OSError:
+        pass   # read-only data directory: decode again next time
+    return x, y
+
+
+def load_dataset(name, root, device, img_size=None):
+    """The train and test splits of a labelled dataset, resident on `device`, with what it takes
+    to normalize a batch. `img_size` resizes (transfer, Tables 2/4: to the distillation resolution)."""
+    (x_tr, y_tr), (x_te, y_te) = load_split(name, root, True), load_split(name, root, False)
+    if img_size is not None and img_size != x_tr.shape[-1]:
+        x_tr, x_te = resize(x_tr, img_size), resize(x_te, img_size)
+    classes, _, mean, std = DATASETS[name]
+    if mean is None:   # imagefolder / fake: statistics of the training split
+        xf = x_tr.float() / 255
+        mean, std = xf.mean((0, 2, 3)).tolist(), xf.std((0, 2, 3)).tolist()
+    return dict(name=name, x_train=x_tr.to(device), y_train=y_tr.to(device), x_test=x_te.to(device),
+                y_test=y_te.to(device), num_classes=classes or int(y_tr.max()) + 1,
+                img_size=x_tr.shape[-1], mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
+                std=torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+def resize(x, size):
+    out = [F.interpolate(c.float(), size=size, mode="bilinear", antialias=True) for c in x.split(4096)]
+    return torch.cat(out).round().clamp(0, 255).byte()
+
+
+def normalize(x, data):
+    """uint8 images -> normalized float; float inputs (Gaussian noise) are already normalized."""
+    if x.dtype != torch.uint8:
+        return x
+    return (x.float() / 255 - data["mean"]) / data["std"]
+
+
+def balanced_subset(y, n, generator):
+    """Indices of n samples, n/classes per class (the first ones of a seeded shuffle)."""
+    classes = int(y.max()) + 1
+    if n % classes or n // classes > torch.bincount(y).min():
+        raise UserError(f"--n-samples {n} must be a multiple of {classes} and at most {len(y)}")
+    perm = torch.randperm(len(y), generator=generator).to(y.device)
+    keep = torch.cat([perm[y[perm] == c][: n // classes] for c in range(classes)])
+    return keep.sort().values
+
+
+def gaussian_inputs(n, img_size, generator):
+    """Pure noise x ~ N(0, 1) in normalized-input space (Fig. 4, 'random data')."""
+    return torch.randn(n, 3, img_size, img_size, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop: data on the device, batches are index slices, no DataLoader, no per-step sync.
+
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slow and changes numerics)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+
+
+def epoch_batches(n, batch_size, seed, epoch, device):
+    """Index batches of one epoch: a permutation seeded by (seed, epoch), the last partial batch
+    kept (196 steps per CIFAR-10 epoch at 256). Stateless, so a resumed run sees the same order."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).to(device).split(batch_size)
+
+
+def train_epoch(model, optimizer, loss_fn, n, batch_size, seed, epoch, device, progress=None):
+    """One epoch of `loss_fn(idx) -> (loss, stats dict)` over n samples. Returns the epoch means
+    of loss and stats (one host sync per epoch); raises on a non-finite loss."""
+    model.train()
+    totals, steps = None, 0
+    for idx in epoch_batches(n, batch_size, seed, epoch, device):
+        with autocast(device):
+            loss, stats = loss_fn(idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        vals = torch.stack([loss.detach().float(), *[v.detach().float() for v in stats.values()]])
+        totals = vals if totals is None else totals + vals
+        steps += 1
+        if progress is not None:
+            progress.update(1)
+            if steps % 50 == 1:
+                progress.set_postfix(loss=f"{vals[0].item():.6g}")
+    means = (totals / steps).tolist()
+    if not all(math.isfinite(v) for v in means):
+        raise UserError(f"non-finite loss in epoch {epoch + 1}; stopping (last.pt keeps the previous "
+                        f"epoch). Try a lower --lr")
+    return dict(zip(["loss", *stats], means))
+
+
+def distillation_loss(student_logits, teacher_logits):
+    """The teacher-student loss of §3/§4: H(softmax(t), log_softmax(s)) over all outputs, tau = 1,
+    no centering, mean over the batch. Also returns KL(p_t || p_s) and the teacher's entropy,
+    both detached. The KL is computed directly: with the authors' head it is ~1e-5 next to a CE of
+    ~ln(65536) = 11.09, below float32 resolution of CE - H. With d = s - t (centered under p_t),
+    KL = log(sum p_t e^d) - sum p_t d = log1p(sum p_t expm1(d)) - sum p_t d, exact for small d."""
+    s, t = student_logits.float(), teacher_logits.float()
+    p_t = t.softmax(-1)
+    ce = F.cross_entropy(s, p_t)
+    with torch.no_grad():
+        d = s - t
+        d = d - (p_t * d).sum(-1, keepdim=True)   # softmax is shift-invariant; keeps both terms small
+        kl = torch.log1p((p_t * torch.expm1(d)).sum(-1)) - (p_t * d).sum(-1)
+        entropy = -(p_t * t.log_softmax(-1)).sum(-1)
+    return ce, kl.mean(), entropy.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Probes (paper §3 and App. C.1; protocols in SPEC §3). Both run on cached features, torch only.
+
+@torch.no_grad()
+def extract_features(encoder, x, data, batch_size=512, device="cpu"):
+    """Encoder outputs (pre-head) in eval mode for un-augmented images, float32 on `device`."""
+    was_training = encoder.training
+    encoder.eval()
+    feats = []
+    for xb in x.split(batch_size):
+        with autocast(device):
+            feats.append(encoder(normalize(xb, data)).float())
+    encoder.train(was_training)
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def knn_probe(train_f, train_y, test_f, test_y, k=20, metric="l2", num_classes=None, chunk=1024):
+    """k-NN accuracy (k=20, App. C.1). 'l2': Euclidean distance, unweighted majority vote (the
+    paper's); 'cosine': DINO's cosine similarity with exp(sim/0.07)-weighted vote. Vote ties go to
+    the lowest class index (argmax returns the first maximum)."""
+    num_classes = num_classes or int(train_y.max()) + 1
+    if metric == "cosine":
+        train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    k = min(k, len(train_f))
+    correct = 0
+    for f, y in zip(test_f.split(chunk), test_y.split(chunk)):
+        if metric == "l2":
+            sim, nn_idx = torch.cdist(f, train_f).topk(k, dim=1, largest=False)
+            weight = torch.ones_like(sim)
+        else:
+            sim, nn_idx = (f @ train_f.T).topk(k, dim=1)
+            weight = (sim / 0.07).exp()
+        votes = torch.zeros(len(f), num_classes, device=f.device)
+        votes.scatter_add_(1, train_y[nn_idx], weight)
+        correct += (votes.argmax(1) == y).sum().item()
+    return correct / len(test_y)
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes=None, epochs=10, lr=1e-3,
+                 weight_decay=0.01, batch_size=256, seed=0, standardize=False):
+    """Test accuracy of a Linear(embed, classes) trained on frozen features (SPEC §3: AdamW 1e-3,
+    wd 0.01, batch 256, 10 epochs). `standardize` uses the train split's mean/std."""
+    num_classes = num_classes or int(train_y.max()) + 1
+    if standardize:
+        mu, sd = train_f.mean(0), train_f.std(0) + 1e-6
+        train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
+    g = torch.Generator().manual_seed(seed)
+    clf = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    with torch.no_grad():   # nn.Linear's default init, drawn from our generator
+        bound = 1 / math.sqrt(train_f.shape[1])
+        clf.weight.copy_(torch.empty_like(clf.weight, device="cpu").uniform_(-bound, bound, generator=g))
+        clf.bias.copy_(torch.empty_like(clf.bias, device="cpu").uniform_(-bound, bound, generator=g))
+    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
+    for epoch in range(epochs):
+        for idx in epoch_batches(len(train_f), batch_size, seed, epoch, train_f.device):
+            loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return (clf(test_f).argmax(1) == test_y).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts of tensors and primitives (torch.load(weights_only=True)), atomic writes.
+
+def atomic_save(obj, path):
+    """Write to a temp file, then rename: a crash mid-write never leaves a truncated checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path!r}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path!r} is not a readable checkpoint ({type(e).__name__}); "
+                        f"was it written by distill.py and copied whole?") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt:
+        raise UserError(f"{path!r} is not a checkpoint of this project (no 'config' entry)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, key, path="checkpoint"):
+    """Rebuild the model stored under ckpt[key] ('student' or 'teacher') from its config."""
+    c = ckpt["config"]
+    if c.get("arch") not in ARCHS:
+        raise UserError(f"{path!r} holds an unknown arch {c.get('arch')!r}")
+    model = make_model(c["arch"], c["out_dim"], c["bottleneck"], c["norm"], c["img_size"])
+    try:
+        model.load_state_dict(ckpt[key])
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"{path!r}: '{key}' weights do not fit a {c['arch']} "
+                        f"({str(e).splitlines()[0][:120]})") from None
+    return model
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)

@@ -1,0 +1,129 @@
+"""distill.py end to end on the synthetic `fake` dataset: the paper's claims about the setup (§4),
+the run directory it writes, resuming, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distill
+from common import UserError, load_checkpoint, make_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--dataset", "fake", "--batch-size", "64", "--probe-every", "1", "--probe-samples", "256", "128",
+        "--device", "cpu"]
+
+
+def run(out, *flags):
+    return distill.main([*FAST, "--out", str(out), *flags])
+
+
+def cli(*flags):
+    return subprocess.run([sys.executable, "distill.py", *flags], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_student_escapes_float_identical_teacher(tmp_path):
+    # VGG11 has no norm layers: at alpha=1e-10 the student computes its teacher's function to float
+    # precision, and only rounding residue, amplified by Adam, moves it (SPEC §2).
+    metrics = run(tmp_path, "--arch", "vgg11", "--alpha", "1e-10", "--epochs", "1")
+    start, end = metrics
+    assert start["dist_from_init"] == 0 and start["kl"] < 1e-12
+    assert end["dist_from_init"] > 1e-3 and end["kl"] > 1e-9
+    assert end["teacher_entropy"] == pytest.approx(11.09, abs=0.01)   # ~ln 2^16: a near-uniform teacher
+
+
+def test_teacher_is_frozen_and_its_bn_stats_stay_at_identity(tmp_path):
+    run(tmp_path, "--arch", "resnet20", "--out-dim", "1024", "--epochs", "1")
+    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
+    fresh = make_model("resnet20", out_dim=1024, generator=torch.Generator().manual_seed(0)).state_dict()
+    assert ckpt["teacher"].keys() == fresh.keys()
+    for k, v in fresh.items():
+        assert torch.equal(ckpt["teacher"][k], v), k
+    assert torch.count_nonzero(ckpt["teacher"]["encoder.1.running_mean"]) == 0
+    assert torch.all(ckpt["teacher"]["encoder.1.running_var"] == 1)
+    # the student, in train mode, did update its own BN statistics
+    assert torch.count_nonzero(ckpt["student"]["encoder.1.running_mean"]) > 0
+
+
+def test_run_directory_has_args_metrics_checkpoints_and_figure(tmp_path):
+    metrics = run(tmp_path, "--arch", "resnet20", "--out-dim", "512", "--epochs", "2", "--alpha", "0.3")
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args["alpha"] == 0.3 and args["arch"] == "resnet20" and args["bottleneck"] == "011110"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == metrics and [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["step"] for r in rows] == [0, 8, 16]   # 512 images / 64, last partial batch kept
+    for key in ["ce", "kl", "teacher_entropy", "dist_from_init", "student_linear", "student_knn",
+                "teacher_linear", "teacher_knn"]:
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert 0 <= rows[0]["input_linear"] <= 1 and "input_knn" in rows[0] and "input_knn" not in rows[1]
+    assert rows[0]["dist_from_init"] == 0 < rows[1]["dist_from_init"] < rows[2]["dist_from_init"]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["best"] == max(r["student_linear"] for r in rows)
+    assert (tmp_path / "fig1.png").stat().st_size > 10_000
+
+
+def test_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    flags = ["--arch", "resnet20", "--out-dim", "256"]
+    whole = run(tmp_path / "a", *flags, "--epochs", "2")
+    run(tmp_path / "b", *flags, "--epochs", "1")
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:   # a line the "killed" run wrote past last.pt
+        f.write(json.dumps(dict(epoch=2, student_linear=0.99)) + "\n")
+    resumed = run(tmp_path / "b", *flags, "--epochs", "2")
+    assert resumed == whole
+    a, b = (load_checkpoint(str(tmp_path / d / "last.pt")) for d in "ab")
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+
+
+def test_restart_makes_the_trained_student_the_teacher(tmp_path):
+    flags = ["--arch", "resnet20", "--out-dim", "256", "--epochs", "1"]
+    run(tmp_path / "first", *flags)
+    run(tmp_path / "second", *flags, "--teacher-ckpt", str(tmp_path / "first" / "last.pt"))
+    first, second = (load_checkpoint(str(tmp_path / d / "last.pt")) for d in ["first", "second"])
+    for k, v in first["student"].items():   # weights and buffers (App. D.1)
+        assert torch.equal(second["teacher"][k], v), k
+
+
+def test_gaussian_inputs_distill_and_probe_on_clean_data(tmp_path):
+    metrics = run(tmp_path, "--arch", "resnet20", "--out-dim", "256", "--epochs", "1",
+                  "--dataset", "gaussian", "--probe-dataset", "fake", "--n-samples", "128")
+    assert metrics[1]["step"] == 2 and metrics[1]["dist_from_init"] > 0
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_last_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="non-finite"):
+        run(tmp_path, "--arch", "resnet20", "--out-dim", "256", "--epochs", "1", "--lr", "1e30")
+    assert load_checkpoint(str(tmp_path / "last.pt"))["epoch"] == 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--arch", "alexnet"], "unknown --arch 'alexnet'; choose from vgg11"),
+    (["--dataset", "mnist"], "unknown --dataset 'mnist'; choose from cifar10"),
+    (["--alpha", "1.5"], "--alpha must lie in [0, 1]"),
+    (["--bottleneck", "0111"], "bad --bottleneck"),
+    (["--dataset", "imagefolder", "--data-root", "/nonexistent"], "ROOT/train/<class>"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, flags, message):
+    r = cli(*flags, "--out", str(tmp_path / "run"), "--device", "cpu")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_checkpoints_are_refused_and_never_overwritten(tmp_path):
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "last.pt").write_bytes(b"garbage")
+    r = cli(*FAST, "--arch", "resnet20", "--out", str(tmp_path / "corrupt"))
+    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "corrupt" / "last.pt").read_bytes() == b"garbage"
+
+    run(tmp_path / "good", "--arch", "resnet20", "--out-dim", "256", "--epochs", "1")
+    before = (tmp_path / "good" / "last.pt").read_bytes()
+    r = cli(*FAST, "--arch", "resnet20", "--out-dim", "256", "--epochs", "1", "--alpha", "0.5",
+            "--out", str(tmp_path / "good"))   # same --out, another experiment
+    assert r.returncode == 2 and "--alpha 1e-10" in r.stderr
+    r = cli(*FAST, "--arch", "vgg11", "--out-dim", "256", "--out", str(tmp_path / "other"),
+            "--teacher-ckpt", str(tmp_path / "good" / "last.pt"))
+    assert r.returncode == 2 and "teacher-ckpt" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "good" / "last.pt").read_bytes() == before
