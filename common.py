@@ -191,7 +191,7 @@ def init_weights(module, generator=None):
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
-        elif isinstance(m, nn.Linear) or isinstance(m, nn.MultiheadAttention):
+        elif isinstance(m, (nn.Linear, nn.MultiheadAttention)):
             for name, p in m.named_parameters(recurse=False):
                 if p.dim() > 1:
                     nn.init.trunc_normal_(p, std=0.02, generator=generator)
@@ -323,7 +323,8 @@ EXPECTED_FILES = {
     "cifar10": "ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch}",
     "cifar100": "ROOT/cifar-100-python/{train,test}",
     "stl10": "ROOT/stl10_binary/{train,test}_{X,y}.bin",
-    "tinyimagenet": "ROOT/tiny-imagenet-200/{train/<wnid>/images/*.JPEG,val/images/*.JPEG,val/val_annotations.txt}",
+    "tinyimagenet": "ROOT/tiny-imagenet-200/{train/<wnid>/images/*.JPEG,val/images/*.JPEG,"
+                    "val/val_annotations.txt}",
     "imagefolder": "ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg",
 }
 
@@ -473,6 +474,15 @@ def balanced_subset(y, n, generator):
     return keep.sort().values
 
 
+def probe_subset(x, y, cap, seed):
+    """A fixed class-balanced subset of at most `cap` probe images (`--probe-samples`), or all."""
+    if cap is None or cap >= len(y):
+        return x, y
+    classes = int(y.max()) + 1
+    idx = balanced_subset(y, max(cap - cap % classes, classes), torch.Generator().manual_seed(10_000 + seed))
+    return x[idx], y[idx]
+
+
 def gaussian_inputs(n, img_size, generator):
     """Pure noise x ~ N(0, 1) in normalized-input space (Fig. 4, 'random data')."""
     return torch.randn(n, 3, img_size, img_size, generator=generator)
@@ -480,6 +490,20 @@ def gaussian_inputs(n, img_size, generator):
 
 # ----------------------------------------------------------------------------------------------
 # Training loop: data on the device, batches are index slices, no DataLoader, no per-step sync.
+
+def setup_device(device):
+    """Check `--device`; on CUDA let cuDNN pick the fastest kernels and matmuls use TF32."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"bad --device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device here; use --device cpu")
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return dev
+
 
 def autocast(device):
     """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slow and changes numerics)."""

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from common import (ARCHS, BOTTLENECKS, DATASETS, NOISE, NORMS, UserError, arg_parser, atomic_save,
                     balanced_subset, distillation_loss, extract_features, flat_params, gaussian_inputs,
-                    knn_probe, linear_probe, load_checkpoint, load_dataset, locality_init, make_model,
-                    model_from_checkpoint, normalize, parse_bottleneck, run_main, train_epoch, write_json)
+                    knn_probe, linear_probe, load_checkpoint, load_dataset, locality_init, make_encoder,
+                    make_model, model_from_checkpoint, normalize, parse_bottleneck, probe_subset, run_main,
+                    setup_device, train_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -93,7 +94,7 @@ RESUMABLE = {"epochs", "device", "probe_every", "out", "data_root"}
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device
+    device = setup_device(args.device)
     os.makedirs(args.out, exist_ok=True)
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -125,15 +126,9 @@ def main(argv=None):
             g = torch.Generator().manual_seed(args.seed)
             x_distill = x_distill[balanced_subset(distill_data["y_train"], args.n_samples, g)]
 
-    def probe_split(split, cap):
-        x, y = data[f"x_{split}"], data[f"y_{split}"]
-        if cap is not None and cap < len(y):   # a fixed class-balanced subset, the same at every probe
-            idx = balanced_subset(y, cap - cap % data["num_classes"], torch.Generator().manual_seed(10_000 + args.seed))
-            x, y = x[idx], y[idx]
-        return x, y
     caps = args.probe_samples or [None]
-    x_ptr, y_ptr = probe_split("train", caps[0])
-    x_pte, y_pte = probe_split("test", caps[-1])
+    x_ptr, y_ptr = probe_subset(data["x_train"], data["y_train"], caps[0], args.seed)
+    x_pte, y_pte = probe_subset(data["x_test"], data["y_test"], caps[-1], args.seed)
 
     # ------------------------------------------------------------------ teacher and student
     config = dict(arch=args.arch, out_dim=args.out_dim, bottleneck=args.bottleneck,
@@ -141,7 +136,8 @@ def main(argv=None):
     if args.teacher_ckpt:   # App. D.1: a trained student (weights and buffers) is the new teacher
         tckpt = load_checkpoint(args.teacher_ckpt)
         if tckpt["config"] != config:
-            raise UserError(f"--teacher-ckpt {args.teacher_ckpt} is a {tckpt['config']}, this run needs {config}")
+            raise UserError(f"--teacher-ckpt {args.teacher_ckpt} holds {tckpt['config']}; "
+                            f"this run builds {config}")
         teacher = model_from_checkpoint(tckpt, "student", args.teacher_ckpt)
     else:
         teacher = make_model(**config, generator=torch.Generator().manual_seed(args.teacher_seed))
@@ -162,8 +158,11 @@ def main(argv=None):
         if ckpt["config"] != config:
             raise UserError(f"{last_path} is a {ckpt['config']}, this run builds {config}")
         student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best = ckpt["epoch"], ckpt["best"]
+        if not os.path.exists(metrics_path):
+            raise UserError(f"{last_path} exists but {metrics_path} does not; restore it or pick another --out")
         with open(metrics_path) as f:   # lines past the checkpoint belong to the killed tail
             metrics = [m for m in map(json.loads, f) if m["epoch"] <= start_epoch]
         print(f"resuming {args.out} from epoch {start_epoch}")
@@ -180,7 +179,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ probes (§3, App. C.1)
     def features(encoder):
-        return extract_features(encoder, x_ptr, data, device=device), extract_features(encoder, x_pte, data, device=device)
+        return tuple(extract_features(encoder, x, data, device=device) for x in (x_ptr, x_pte))
 
     def probe(feats, seed):
         (f_tr, f_te), c = feats, data["num_classes"]
@@ -200,7 +199,7 @@ def main(argv=None):
         row.update({f"student_{k}": v for k, v in probe(features(student.encoder), args.seed + epoch).items()})
         row.update({f"teacher_{k}": v for k, v in probe(teacher_feats, args.seed + epoch).items()})
         if epoch == 0:   # the flattened-input baseline of Table 1, once per run
-            flat = make_model("flatten", img_size=img_size).encoder.to(device)
+            flat = make_encoder("flatten", img_size=img_size)
             row.update({f"input_{k}": v for k, v in probe(features(flat), args.seed).items()})
         return row
 
@@ -263,7 +262,8 @@ def plot_curves(metrics, path, args):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
     epochs = [m["epoch"] for m in metrics]
-    for ax, probe_name, title in zip(axes, ["linear", "knn"], ["linear probe", f"k-NN probe (k={args.knn_k}, L2)"]):
+    titles = ["linear probe", f"k-NN probe (k={args.knn_k}, L2)"]
+    for ax, probe_name, title in zip(axes, ["linear", "knn"], titles):
         ax.plot(epochs, [m[f"student_{probe_name}"] for m in metrics], "o-", label="student", color="C3")
         ax.plot(epochs, [m[f"teacher_{probe_name}"] for m in metrics], "o-", label="teacher", color="C0")
         ax.axhline(metrics[0][f"input_{probe_name}"], ls="--", color="gray", label="input")
