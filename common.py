@@ -443,9 +443,13 @@ def load_dataset(name, root, device, img_size=None):
     if img_size is not None and img_size != x_tr.shape[-1]:
         x_tr, x_te = resize(x_tr, img_size), resize(x_te, img_size)
     classes, _, mean, std = DATASETS[name]
-    if mean is None:   # imagefolder / fake: statistics of the training split
-        xf = x_tr.float() / 255
-        mean, std = xf.mean((0, 2, 3)).tolist(), xf.std((0, 2, 3)).tolist()
+    if mean is None:   # imagefolder / fake: statistics of the training split, in chunks
+        s1, s2 = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+        for c in x_tr.split(4096):
+            c = c.double() / 255
+            s1, s2 = s1 + c.sum((0, 2, 3)), s2 + (c ** 2).sum((0, 2, 3))
+        n = x_tr.numel() / 3
+        mean, std = (s1 / n).tolist(), ((s2 / n - (s1 / n) ** 2) * n / (n - 1)).sqrt().tolist()
     return dict(name=name, x_train=x_tr.to(device), y_train=y_tr.to(device), x_test=x_te.to(device),
                 y_test=y_te.to(device), num_classes=classes or int(y_tr.max()) + 1,
                 img_size=x_tr.shape[-1], mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
