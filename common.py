@@ -449,7 +449,7 @@ def load_dataset(name, root, device, img_size=None):
             c = c.double() / 255
             s1, s2 = s1 + c.sum((0, 2, 3)), s2 + (c ** 2).sum((0, 2, 3))
         n = x_tr.numel() / 3
-        mean, std = (s1 / n).tolist(), ((s2 / n - (s1 / n) ** 2) * n / (n - 1)).sqrt().tolist()
+        mean, std = (s1 / n).tolist(), ((s2 / n - (s1 / n) ** 2) * n / (n - 1)).clamp_min(1e-6).sqrt().tolist()
     return dict(name=name, x_train=x_tr.to(device), y_train=y_tr.to(device), x_test=x_te.to(device),
                 y_test=y_te.to(device), num_classes=classes or int(y_tr.max()) + 1,
                 img_size=x_tr.shape[-1], mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
@@ -563,6 +563,18 @@ def distillation_loss(student_logits, teacher_logits):
     return ce, kl.mean(), entropy.mean()
 
 
+def distill_loss_fn(student, teacher, x, data):
+    """loss_fn(idx) for train_epoch: the same un-augmented images to both networks (no
+    augmentation, §3), the frozen teacher under no_grad, the loss of `distillation_loss`."""
+    def loss_fn(idx):
+        xb = normalize(x[idx], data)
+        with torch.no_grad():
+            t = teacher(xb)
+        ce, kl, entropy = distillation_loss(student(xb), t)
+        return ce, dict(kl=kl, teacher_entropy=entropy)
+    return loss_fn
+
+
 # ----------------------------------------------------------------------------------------------
 # Probes (paper §3 and App. C.1; protocols in SPEC §3). Both run on cached features, torch only.
 
@@ -650,16 +662,20 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"{path!r} is not a readable checkpoint ({type(e).__name__}); "
                         f"was it written by distill.py and copied whole?") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise UserError(f"{path!r} is not a checkpoint of this project (no 'config' entry)")
+    c = ckpt["config"]
+    if c.get("arch") not in ARCHS:
+        raise UserError(f"{path!r} holds an unknown arch {c.get('arch')!r}; this project knows {', '.join(ARCHS)}")
+    missing = {"out_dim", "bottleneck", "norm", "img_size"} - set(c)
+    if missing:
+        raise UserError(f"{path!r}: its config lacks {', '.join(sorted(missing))}; not a distill.py checkpoint")
     return ckpt
 
 
 def model_from_checkpoint(ckpt, key, path="checkpoint"):
     """Rebuild the model stored under ckpt[key] ('student' or 'teacher') from its config."""
     c = ckpt["config"]
-    if c.get("arch") not in ARCHS:
-        raise UserError(f"{path!r} holds an unknown arch {c.get('arch')!r}")
     model = make_model(c["arch"], c["out_dim"], c["bottleneck"], c["norm"], c["img_size"])
     try:
         model.load_state_dict(ckpt[key])

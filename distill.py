@@ -23,10 +23,10 @@ import torch
 from tqdm import tqdm
 
 from common import (ARCHS, BOTTLENECKS, DATASETS, NOISE, NORMS, UserError, arg_parser, atomic_save,
-                    balanced_subset, distillation_loss, extract_features, flat_params, gaussian_inputs,
-                    knn_probe, linear_probe, load_checkpoint, load_dataset, locality_init, make_encoder,
-                    make_model, model_from_checkpoint, normalize, parse_bottleneck, probe_subset, run_main,
-                    setup_device, train_epoch, write_json)
+                    balanced_subset, distill_loss_fn, distillation_loss, extract_features, flat_params,
+                    gaussian_inputs, knn_probe, linear_probe, load_checkpoint, load_dataset, locality_init,
+                    make_encoder, make_model, model_from_checkpoint, normalize, parse_bottleneck,
+                    probe_subset, run_main, setup_device, train_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -170,12 +170,7 @@ def main(argv=None):
         f.writelines(json.dumps(m) + "\n" for m in metrics)
 
     # ------------------------------------------------------------------ the teacher-student loss
-    def loss_fn(idx):
-        x = normalize(x_distill[idx], distill_data)
-        with torch.no_grad():
-            t = teacher(x)
-        ce, kl, entropy = distillation_loss(student(x), t)
-        return ce, dict(kl=kl, teacher_entropy=entropy)
+    loss_fn = distill_loss_fn(student, teacher, x_distill, distill_data)
 
     # ------------------------------------------------------------------ probes (§3, App. C.1)
     def features(encoder):

@@ -128,9 +128,9 @@ def test_alpha_1e10_is_numerically_the_teacher():
     student = locality_init(teacher, fresh, 1e-10)
     diff = max((s - t).abs().max().item() for s, t in zip(student.parameters(), teacher.parameters()))
     assert diff < 1e-10
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(student(x), teacher(x), rtol=0, atol=1e-7)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():   # the same function to float32 precision (logits are cosines, |l| <= 1)
+        torch.testing.assert_close(student(x), teacher(x), rtol=0, atol=1e-6)
 
 
 def test_locality_applies_the_variance_preserving_divisor():

@@ -1,0 +1,218 @@
+"""Linear and k-NN probing of distilled students, their random teachers and the raw input
+(Sarnthein et al., ICML 2023, §3 "Probing", Tables 1-4, App. C.1).
+
+The encoder is frozen; a linear classifier (or a k-NN vote) on its features measures how much
+class information they hold. The paper reports three subjects per row: the random teacher, the
+distilled student and the flattened input image.
+
+    python probe.py runs/vgg11_a1e-10_cifar10 --dataset cifar10 --repeats 3   # Table 1 (+ Table 3)
+    python probe.py runs/vgg11_a1e-10_tinyimagenet --dataset cifar10           # transfer, Tables 2/4
+    python probe.py --arch vgg11 --random --dataset cifar10                    # a fresh network only
+    python probe.py --arch vgg11 --bench                                       # probe cost vs an epoch
+
+A run directory stands for its best.pt (the checkpoint with the best raw student linear probe, the
+authors' selection; `--which last` for last.pt). For transfer, images are resized to the
+checkpoint's resolution and normalized with the probe dataset's statistics.
+"""
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+
+from common import (ARCHS, DATASETS, UserError, arg_parser, distill_loss_fn, extract_features, knn_probe,
+                    linear_probe, load_checkpoint, load_dataset, make_encoder, make_model,
+                    model_from_checkpoint, probe_subset, run_main, setup_device, train_epoch, write_json)
+
+
+def parse_args(argv=None):
+    p = arg_parser(__doc__)
+    p.add_argument("paths", nargs="*", help="distill.py run directories or .pt checkpoints")
+    p.add_argument("--which", default="best", choices=["best", "last"],
+                   help="checkpoint of a run directory")
+    p.add_argument("--arch", default=None, help=f"with --random or --bench: one of {', '.join(ARCHS)}")
+    p.add_argument("--random", action="store_true",
+                   help="also probe a freshly initialized --arch (seed --init-seed)")
+    p.add_argument("--init-seed", type=int, default=0,
+                   help="seed of the --random network (= distill.py's --teacher-seed)")
+    p.add_argument("--dataset", default="cifar10", help=f"probe data, one of: {', '.join(DATASETS)}")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--batch-size", type=int, default=256, help="linear-probe batch (SPEC §3: 256)")
+    p.add_argument("--probe-epochs", type=int, default=10, help="linear-probe epochs (SPEC §3: 10)")
+    p.add_argument("--features", default="raw", choices=["raw", "standardized", "both"],
+                   help="linear probe on raw features (the paper's numbers) or train-standardized ones")
+    p.add_argument("--knn-k", type=int, default=20, help="k of the k-NN probe (App. C.1)")
+    p.add_argument("--knn-metric", default="l2", choices=["l2", "cosine"],
+                   help="l2: Euclidean majority vote (the paper's); cosine: DINO's T=0.07 weighted vote")
+    p.add_argument("--repeats", type=int, default=1, help="linear-probe seeds; the paper reports 3 (mean ± std)")
+    p.add_argument("--seed", type=int, default=0, help="first linear-probe seed (and the probe subsets)")
+    p.add_argument("--probe-samples", type=int, nargs="+", default=None, metavar=("N_TRAIN", "N_TEST"),
+                   help="cap the probe train (and test, default the same) splits, for quick CPU runs")
+    p.add_argument("--bench", action="store_true",
+                   help="time a full probe (50k/10k CIFAR-sized) against one distillation epoch of --arch")
+    p.add_argument("--out", default=None, help="where probe.md/probe.json go (default: runs/probe_<dataset>)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.dataset not in DATASETS:
+        p.error(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+    if args.arch is not None and args.arch not in ARCHS:
+        p.error(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
+    if (args.random or args.bench) and args.arch is None:
+        p.error("--random and --bench need --arch")
+    if not (args.paths or args.random or args.bench):
+        p.error("give run directories / checkpoints, or --arch ARCH --random")
+    if args.probe_samples is not None and len(args.probe_samples) > 2:
+        p.error("--probe-samples takes N_TRAIN [N_TEST]")
+    args.out = args.out or f"runs/probe_{args.dataset}"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup_device(args.device)
+    if args.bench:
+        return bench(args, device)
+
+    # ------------------------------------------------------------------ probe data, per resolution
+    datasets = {}
+
+    def probe_data(img_size):   # None: the dataset's own resolution
+        if img_size not in datasets:
+            data = load_dataset(args.dataset, args.data_root, device, img_size=img_size)
+            caps = args.probe_samples or [None]
+            data["x_train"], data["y_train"] = probe_subset(data["x_train"], data["y_train"], caps[0], args.seed)
+            data["x_test"], data["y_test"] = probe_subset(data["x_test"], data["y_test"], caps[-1], args.seed)
+            datasets[img_size] = data
+        return datasets[img_size]
+
+    # ------------------------------------------------------------------ the encoders to probe
+    models = []   # (source, arch, img_size, {subject: encoder})
+    for path in args.paths:
+        file = os.path.join(path, f"{args.which}.pt") if os.path.isdir(path) else path
+        ckpt = load_checkpoint(file)
+        c = ckpt["config"]
+        models.append((path, c["arch"], c["img_size"],
+                       {s: model_from_checkpoint(ckpt, s, file).encoder for s in ("teacher", "student")}))
+    if args.random:   # the encoder is drawn first, so this is distill.py's teacher for that seed
+        img_size = probe_data(None)["img_size"]
+        g = torch.Generator().manual_seed(args.init_seed)
+        encoder = make_encoder(args.arch, generator=g, img_size=img_size)
+        models.append((f"random (seed {args.init_seed})", args.arch, img_size, {"teacher": encoder}))
+
+    seeds = [args.seed + i for i in range(args.repeats)]
+    linear_modes = {"raw": [False], "standardized": [True], "both": [False, True]}[args.features]
+
+    def probe(encoder, data):
+        """Features once per (model, split), then every probe on them (§3; App. C.1)."""
+        encoder.to(device)
+        f_tr, f_te = (extract_features(encoder, data[f"x_{s}"], data, device=device) for s in ("train", "test"))
+        result = {}
+        for std in linear_modes:
+            accs = [linear_probe(f_tr, data["y_train"], f_te, data["y_test"], data["num_classes"],
+                                 epochs=args.probe_epochs, batch_size=args.batch_size, seed=s,
+                                 standardize=std) for s in seeds]
+            result["linear_std" if std else "linear"] = accs
+        result["knn"] = [knn_probe(f_tr, data["y_train"], f_te, data["y_test"], args.knn_k,
+                                   args.knn_metric, data["num_classes"])]
+        encoder.cpu()
+        return result
+
+    rows, inputs = [], {}
+    for source, arch, img_size, encoders in models:
+        data = probe_data(img_size)
+        if img_size not in inputs:   # the flattened-input baseline, once per resolution
+            inputs[img_size] = probe(make_encoder("flatten", img_size=img_size), data)
+        row = dict(source=source, arch=arch, dataset=args.dataset, img_size=img_size,
+                   embed_dim=encoders["teacher"].embed_dim, input_dim=3 * img_size ** 2,
+                   **{s: probe(e, data) for s, e in encoders.items()}, input=inputs[img_size])
+        rows.append(row)
+        print(f"probed {source}")
+
+    # ------------------------------------------------------------------ Tables 1-4
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "args.json"), vars(args))
+    write_json(os.path.join(args.out, "probe.json"), rows)
+    table = format_tables(rows, args)
+    with open(os.path.join(args.out, "probe.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return rows
+
+
+def fmt(accs):
+    """Accuracy in percent; mean ± std over probe seeds when there are several."""
+    if not accs:
+        return "—"
+    mean = 100 * statistics.fmean(accs)
+    return f"{mean:.2f}" if len(accs) == 1 else f"{mean:.2f} ± {100 * statistics.stdev(accs):.2f}"
+
+
+def format_tables(rows, args):
+    names = {"linear": "Linear probe (raw features)", "linear_std": "Linear probe (standardized features)",
+             "knn": f"k-NN probe (k={args.knn_k}, {args.knn_metric})"}
+    out = []
+    for probe_name in [k for k in names if k in rows[0]["input"]]:
+        repeated = args.repeats > 1 and probe_name != "knn"   # k-NN has no randomness
+        seeds = f", mean ± std over {args.repeats} probe seeds" if repeated else ""
+        out += [f"### {names[probe_name]}, accuracy %{seeds}", "",
+                "| dataset | model | source | teacher | student | input |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            cells = [fmt(r.get(s, {}).get(probe_name, [])) for s in ("teacher", "student", "input")]
+            out.append(f"| {r['dataset']} | {r['arch']} | {r['source']} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def bench(args, device, n_train=50_000, n_test=10_000, distill_batch=256):
+    """A full probe (features of 50k + 10k images, k-NN, linear) against one distillation epoch
+    (196 steps at batch 256) of the same arch, timed side by side on this device. On a CPU only a
+    slice of each forward-bound part is timed and scaled up (said in the output)."""
+    cuda = torch.device(device).type == "cuda"
+    frac = 1.0 if cuda else 1 / 20
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=g).to(device)
+    data = dict(mean=torch.full((1, 3, 1, 1), 0.5, device=device),
+                std=torch.full((1, 3, 1, 1), 0.25, device=device))
+    teacher = make_model(args.arch, generator=torch.Generator().manual_seed(0)).to(device).eval()
+    student = make_model(args.arch, generator=torch.Generator().manual_seed(1)).to(device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+
+    steps = math.ceil(n_train / distill_batch)
+    n_steps = max(2, round(steps * frac))
+    loss_fn = distill_loss_fn(student, teacher, x, data)
+    train_epoch(student, optimizer, loss_fn, distill_batch * 2, distill_batch, 0, 0, device)   # warm-up
+    t_epoch, _ = timed(lambda: train_epoch(student, optimizer, loss_fn, distill_batch * n_steps,
+                                           distill_batch, 0, 1, device))
+    t_epoch *= steps / n_steps
+
+    n_feat = max(1024, round((n_train + n_test) * frac))
+    t_feat, feats = timed(lambda: extract_features(student.encoder, x[:n_feat], data, device=device))
+    t_feat *= (n_train + n_test) / n_feat
+    f = torch.randn(n_train + n_test, feats.shape[1], generator=g).to(device)   # full-size features
+    t_knn, _ = timed(lambda: knn_probe(f[:n_train], y[:n_train], f[n_train:], y[n_train:],
+                                       args.knn_k, args.knn_metric))
+    t_lin, _ = timed(lambda: linear_probe(f[:n_train], y[:n_train], f[n_train:], y[n_train:], 10,
+                                          epochs=args.probe_epochs, batch_size=args.batch_size))
+    t_probe = t_feat + t_knn + t_lin
+    scaled = "" if cuda else f" (forward-bound parts timed on {frac:.0%} and scaled)"
+    print(f"{args.arch} on {device}, torch {torch.__version__}{scaled}")
+    print(f"  distillation epoch ({steps} steps x {distill_batch}): {t_epoch:8.2f} s")
+    print(f"  full probe: features {t_feat:.2f} s + k-NN {t_knn:.2f} s + linear {t_lin:.2f} s = {t_probe:8.2f} s")
+    print(f"probe / epoch: {t_probe / t_epoch:.2f}")
+    return t_probe / t_epoch
+
+
+if __name__ == "__main__":
+    run_main(main)
