@@ -6,6 +6,7 @@ class information they hold. The paper reports three subjects per row: the rando
 distilled student and the flattened input image.
 
     python probe.py runs/vgg11_a1e-10_cifar10 --dataset cifar10 --repeats 3   # Table 1 (+ Table 3)
+    python probe.py RUN_VGG RUN_RESNET --dataset cifar10 cifar100 stl10         # rows dataset x model
     python probe.py runs/vgg11_a1e-10_tinyimagenet --dataset cifar10           # transfer, Tables 2/4
     python probe.py --arch vgg11 --random --dataset cifar10                    # a fresh network only
     python probe.py --arch vgg11 --bench                                       # probe cost vs an epoch
@@ -37,7 +38,8 @@ def parse_args(argv=None):
                    help="also probe a freshly initialized --arch (seed --init-seed)")
     p.add_argument("--init-seed", type=int, default=0,
                    help="seed of the --random network (= distill.py's --teacher-seed)")
-    p.add_argument("--dataset", default="cifar10", help=f"probe data, one of: {', '.join(DATASETS)}")
+    p.add_argument("--dataset", nargs="+", default=["cifar10"],
+                   help=f"probe data, one or more of: {', '.join(DATASETS)}")
     p.add_argument("--data-root", default="data")
     p.add_argument("--batch-size", type=int, default=256, help="linear-probe batch (SPEC §3: 256)")
     p.add_argument("--probe-epochs", type=int, default=10, help="linear-probe epochs (SPEC §3: 10)")
@@ -52,11 +54,12 @@ def parse_args(argv=None):
                    help="cap the probe train (and test, default the same) splits, for quick CPU runs")
     p.add_argument("--bench", action="store_true",
                    help="time a full probe (50k/10k CIFAR-sized) against one distillation epoch of --arch")
-    p.add_argument("--out", default=None, help="where probe.md/probe.json go (default: runs/probe_<dataset>)")
+    p.add_argument("--out", default=None, help="where probe.md/probe.json go (default: runs/probe_<datasets>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if args.dataset not in DATASETS:
-        p.error(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+    for name in args.dataset:
+        if name not in DATASETS:
+            p.error(f"unknown --dataset {name!r}; choose from {', '.join(DATASETS)}")
     if args.arch is not None and args.arch not in ARCHS:
         p.error(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
     if (args.random or args.bench) and args.arch is None:
@@ -65,7 +68,7 @@ def parse_args(argv=None):
         p.error("give run directories / checkpoints, or --arch ARCH --random")
     if args.probe_samples is not None and len(args.probe_samples) > 2:
         p.error("--probe-samples takes N_TRAIN [N_TEST]")
-    args.out = args.out or f"runs/probe_{args.dataset}"
+    args.out = args.out or f"runs/probe_{'_'.join(args.dataset)}"
     return args
 
 
@@ -75,18 +78,6 @@ def main(argv=None):
     if args.bench:
         return bench(args, device)
 
-    # ------------------------------------------------------------------ probe data, per resolution
-    datasets = {}
-
-    def probe_data(img_size):   # None: the dataset's own resolution
-        if img_size not in datasets:
-            data = load_dataset(args.dataset, args.data_root, device, img_size=img_size)
-            caps = args.probe_samples or [None]
-            data["x_train"], data["y_train"] = probe_subset(data["x_train"], data["y_train"], caps[0], args.seed)
-            data["x_test"], data["y_test"] = probe_subset(data["x_test"], data["y_test"], caps[-1], args.seed)
-            datasets[img_size] = data
-        return datasets[img_size]
-
     # ------------------------------------------------------------------ the encoders to probe
     models = []   # (source, arch, img_size, {subject: encoder})
     for path in args.paths:
@@ -95,11 +86,6 @@ def main(argv=None):
         c = ckpt["config"]
         models.append((path, c["arch"], c["img_size"],
                        {s: model_from_checkpoint(ckpt, s, file).encoder for s in ("teacher", "student")}))
-    if args.random:   # the encoder is drawn first, so this is distill.py's teacher for that seed
-        img_size = probe_data(None)["img_size"]
-        g = torch.Generator().manual_seed(args.init_seed)
-        encoder = make_encoder(args.arch, generator=g, img_size=img_size)
-        models.append((f"random (seed {args.init_seed})", args.arch, img_size, {"teacher": encoder}))
 
     seeds = [args.seed + i for i in range(args.repeats)]
     linear_modes = {"raw": [False], "standardized": [True], "both": [False, True]}[args.features]
@@ -119,16 +105,34 @@ def main(argv=None):
         encoder.cpu()
         return result
 
-    rows, inputs = [], {}
-    for source, arch, img_size, encoders in models:
-        data = probe_data(img_size)
-        if img_size not in inputs:   # the flattened-input baseline, once per resolution
-            inputs[img_size] = probe(make_encoder("flatten", img_size=img_size), data)
-        row = dict(source=source, arch=arch, dataset=args.dataset, img_size=img_size,
-                   embed_dim=encoders["teacher"].embed_dim, input_dim=3 * img_size ** 2,
-                   **{s: probe(e, data) for s, e in encoders.items()}, input=inputs[img_size])
-        rows.append(row)
-        print(f"probed {source}")
+    rows = []
+    for name in args.dataset:   # rows: dataset x model, as in Tables 1-4
+        datasets, inputs = {}, {}   # this dataset at each checkpoint's resolution
+
+        def probe_data(img_size):   # None: the dataset's own resolution
+            if img_size not in datasets:
+                data = load_dataset(name, args.data_root, device, img_size=img_size)
+                caps = args.probe_samples or [None]
+                for split, cap in (("train", caps[0]), ("test", caps[-1])):
+                    data[f"x_{split}"], data[f"y_{split}"] = probe_subset(data[f"x_{split}"], data[f"y_{split}"],
+                                                                          cap, args.seed)
+                datasets[img_size] = data
+            return datasets[img_size]
+
+        todo = list(models)
+        if args.random:   # the encoder is drawn first, so this is distill.py's teacher for that seed
+            img_size = probe_data(None)["img_size"]
+            g = torch.Generator().manual_seed(args.init_seed)
+            encoder = make_encoder(args.arch, generator=g, img_size=img_size)
+            todo.append((f"random (seed {args.init_seed})", args.arch, img_size, {"teacher": encoder}))
+        for source, arch, img_size, encoders in todo:
+            data = probe_data(img_size)
+            if img_size not in inputs:   # the flattened-input baseline, once per resolution
+                inputs[img_size] = probe(make_encoder("flatten", img_size=img_size), data)
+            rows.append(dict(source=source, arch=arch, dataset=name, img_size=img_size,
+                             embed_dim=encoders["teacher"].embed_dim, input_dim=3 * img_size ** 2,
+                             **{s: probe(e, data) for s, e in encoders.items()}, input=inputs[img_size]))
+            print(f"probed {source} on {name}")
 
     # ------------------------------------------------------------------ Tables 1-4
     os.makedirs(args.out, exist_ok=True)

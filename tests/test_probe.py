@@ -44,6 +44,13 @@ def test_probing_a_checkpoint_twice_gives_identical_numbers(run_dir, tmp_path):
     assert (tmp_path / "a" / "probe.json").exists() and (tmp_path / "a" / "args.json").exists()
 
 
+def test_rows_are_dataset_by_model(run_dir, tmp_path):
+    rows = probe.main([str(run_dir), "--arch", "vgg11", "--random", "--dataset", "fake", "fake", *QUICK,
+                       "--out", str(tmp_path)])
+    assert [(r["dataset"], r["arch"]) for r in rows] == [("fake", "resnet20"), ("fake", "vgg11")] * 2
+    assert rows[0]["student"] == rows[2]["student"]   # the same data twice: the same numbers
+
+
 def test_random_network_is_distills_teacher_for_the_same_seed(run_dir, tmp_path):
     rows = probe.main([str(run_dir), "--arch", "resnet20", "--random", "--dataset", "fake", *QUICK,
                        "--out", str(tmp_path)])
