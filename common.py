@@ -521,9 +521,10 @@ def epoch_batches(n, batch_size, seed, epoch, device):
     return torch.randperm(n, generator=g).to(device).split(batch_size)
 
 
-def train_epoch(model, optimizer, loss_fn, n, batch_size, seed, epoch, device, progress=None):
+def train_epoch(model, optimizer, loss_fn, n, batch_size, seed, epoch, device, progress=None, after_step=None):
     """One epoch of `loss_fn(idx) -> (loss, stats dict)` over n samples. Returns the epoch means
-    of loss and stats (one host sync per epoch); raises on a non-finite loss."""
+    of loss and stats (one host sync per epoch); raises on a non-finite loss. `after_step()` runs
+    after every optimizer step (IMP re-applies its masks there)."""
     model.train()
     totals, steps = None, 0
     for idx in epoch_batches(n, batch_size, seed, epoch, device):
@@ -532,6 +533,8 @@ def train_epoch(model, optimizer, loss_fn, n, batch_size, seed, epoch, device, p
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         vals = torch.stack([loss.detach().float(), *[v.detach().float() for v in stats.values()]])
         totals = vals if totals is None else totals + vals
         steps += 1
@@ -541,8 +544,8 @@ def train_epoch(model, optimizer, loss_fn, n, batch_size, seed, epoch, device, p
                 progress.set_postfix(loss=f"{vals[0].item():.6g}")
     means = (totals / steps).tolist()
     if not all(math.isfinite(v) for v in means):
-        raise UserError(f"non-finite loss in epoch {epoch + 1}; stopping (last.pt keeps the previous "
-                        f"epoch). Try a lower --lr")
+        raise UserError(f"non-finite loss in epoch {epoch}; stopping, the last checkpoint is kept. "
+                        f"Try a lower --lr")
     return dict(zip(["loss", *stats], means))
 
 
@@ -573,6 +576,73 @@ def distill_loss_fn(student, teacher, x, data):
         ce, kl, entropy = distillation_loss(student(xb), t)
         return ce, dict(kl=kl, teacher_entropy=entropy)
     return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Supervised training, the recipe of App. E.5 (Frankle et al. 2020), shared by imp.py and lmc.py.
+
+class Classifier(nn.Module):
+    """Encoder + linear classifier: the network that IMP prunes and LMC interpolates (§6)."""
+
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        self.encoder, self.fc = encoder, nn.Linear(encoder.embed_dim, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.encoder(x))
+
+
+def make_classifier(encoder, num_classes, generator):
+    """Wrap an encoder (fresh, or a distilled student's) with a freshly initialized classifier."""
+    clf = Classifier(encoder, num_classes)
+    init_weights(clf.fc, generator)
+    return clf
+
+
+def flip_crop(x, flips, offsets, pad=4):
+    """Random horizontal flip + `pad`-px zero-padded random crop (App. E.5) of a uint8 batch, as
+    tensor ops on its device; `flips` [B] bool and `offsets` [B, 2] in [0, 2*pad] are the draws."""
+    b, c, h, w = x.shape
+    x = F.pad(torch.where(flips[:, None, None, None], x.flip(3), x), (pad, pad, pad, pad))
+    ar = lambda n: torch.arange(n, device=x.device)
+    rows = (offsets[:, :1] + ar(h))[:, None, :, None]
+    cols = (offsets[:, 1:] + ar(w))[:, None, None, :]
+    return x[ar(b)[:, None, None, None], ar(c)[None, :, None, None], rows, cols]
+
+
+def supervised_loss_fn(model, data, seed, epoch, augment=True, pad=4):
+    """loss_fn(idx) for train_epoch: cross-entropy on labelled, augmented training images. The
+    augmentation draws of the whole epoch are made at once from a (seed, epoch)-seeded generator."""
+    n, device = len(data["y_train"]), data["x_train"].device
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
+    flips = (torch.rand(n, generator=g) < 0.5).to(device)
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g).to(device)
+
+    def loss_fn(idx):
+        x = data["x_train"][idx]
+        if augment:
+            x = flip_crop(x, flips[idx], offsets[idx], pad)
+        return F.cross_entropy(model(normalize(x, data)), data["y_train"][idx]), {}
+    return loss_fn
+
+
+def step_lr(lr, epoch, milestones, gamma=0.1):
+    """Multi-step schedule (App. E.5: x0.1 at epochs 80 and 120) as a pure function of the epoch."""
+    return lr * gamma ** sum(epoch > m for m in milestones)
+
+
+@torch.no_grad()
+def test_accuracy(model, data, batch_size=1024):
+    """Accuracy on the un-augmented test split, model in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = data["x_test"].device
+    correct = torch.zeros((), device=device)
+    for x, y in zip(data["x_test"].split(batch_size), data["y_test"].split(batch_size)):
+        with autocast(device):
+            correct += (model(normalize(x, data)).argmax(1) == y).sum()
+    model.train(was_training)
+    return correct.item() / len(data["y_test"])
 
 
 # ----------------------------------------------------------------------------------------------

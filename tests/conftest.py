@@ -6,3 +6,14 @@ import torch
 def seeded():
     """Tests that draw inputs from the global RNG see the same inputs on every run."""
     torch.manual_seed(0)
+
+
+def load_script(name):
+    """Import a top-level script by path: `imp.py` would otherwise lose to the stdlib module `imp`."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

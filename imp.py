@@ -1,0 +1,235 @@
+"""Lottery tickets from the distilled student: iterative magnitude pruning with rewinding
+(Sarnthein et al., ICML 2023, §6 "Lottery Tickets" / "IMP from the Student", Fig. 8, App. E.5).
+
+Train encoder + linear classifier on CIFAR-10 (SGD, App. E.5), prune the globally smallest 20% of
+the remaining weights, rewind the survivors to the starting point θ(ℓ) and train again; repeat.
+A starting point "contains a lottery ticket" when accuracy survives strong sparsity. Fig. 8: the
+distilled student at ℓ = 0 behaves like a fresh init rewound to ℓ = 1-2 epochs of supervised training.
+
+    python imp.py --arch resnet18 --init student:runs/resnet18_a1e-10_cifar10/best.pt   # θ*_S, ℓ = 0
+    for l in 0 1 2 5; do python imp.py --arch resnet18 --init random --rewind-epochs $l; done
+    python imp.py --plot runs/imp_*                                                      # Fig. 8
+    python imp.py --arch resnet20 --dataset fake --epochs 2 --rounds 2 --out runs/dry    # CPU dry run
+
+Rerunning the same command resumes at the round and epoch it reached.
+"""
+import json
+import os
+
+import torch
+from tqdm import tqdm
+
+from common import (ARCHS, DATASETS, UserError, arg_parser, atomic_save, load_checkpoint, load_dataset,
+                    make_classifier, make_encoder, model_from_checkpoint, run_main, setup_device, step_lr,
+                    supervised_loss_fn, test_accuracy, train_epoch, write_json)
+
+
+def parse_args(argv=None):
+    p = arg_parser(__doc__)
+    p.add_argument("--arch", default="resnet18", help=f"encoder, one of: {', '.join(ARCHS)}")
+    p.add_argument("--init", default="random",
+                   help="'random' (a fresh init θ_S) or 'student:CKPT' (a distilled student's encoder θ*_S)")
+    p.add_argument("--rewind-epochs", type=int, default=0,
+                   help="ℓ: every round restarts from the weights after ℓ dense epochs (Fig. 8: 0, 1, 2, 5)")
+    p.add_argument("--rounds", type=int, default=15, help="pruning rounds; density 0.8^k after round k")
+    p.add_argument("--prune-fraction", type=float, default=0.2, help="of the remaining weights, per round")
+    p.add_argument("--prune-all", action="store_true",
+                   help="prune every parameter (the authors' runs) instead of conv/linear weights only")
+    p.add_argument("--dataset", default="cifar10", help=f"one of: {', '.join(DATASETS)}")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--epochs", type=int, default=160, help="App. E.5: 160")
+    p.add_argument("--batch-size", type=int, default=128, help="App. E.5: 128")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD, momentum 0.9 (App. E.5)")
+    p.add_argument("--milestones", type=int, nargs="*", default=None,
+                   help="epochs after which lr drops x0.1 (default: half and 3/4 of --epochs, i.e. 80 120)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0, help="classifier init, fresh init, data order, augmentation")
+    p.add_argument("--out", default=None, help="run directory (default: runs/imp_<arch>_<init>_l<rewind>)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--plot", nargs="+", metavar="DIR", help="only draw Fig. 8 from these run directories")
+    args = p.parse_args(argv)
+    if args.plot:
+        args.out = args.out or "runs"
+        return args
+    if args.arch not in ARCHS or args.arch == "flatten":
+        p.error(f"unknown --arch {args.arch!r}; choose from {', '.join(a for a in ARCHS if a != 'flatten')}")
+    if args.dataset not in DATASETS:
+        p.error(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+    if args.init != "random" and not args.init.startswith("student:"):
+        p.error(f"--init must be 'random' or 'student:CKPT', got {args.init!r}")
+    if not 0 < args.prune_fraction < 1:
+        p.error("--prune-fraction must lie in (0, 1)")
+    if not 0 <= args.rewind_epochs < args.epochs:
+        p.error(f"--rewind-epochs must lie in [0, --epochs), got {args.rewind_epochs}")
+    if args.milestones is None:
+        args.milestones = [args.epochs // 2, args.epochs * 3 // 4]
+    init_name = "student" if args.init.startswith("student:") else "random"
+    args.out = args.out or f"runs/imp_{args.arch}_{init_name}_l{args.rewind_epochs}"
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Global magnitude pruning (Frankle & Carbin 2018): one threshold across all prunable tensors.
+
+def prunable(model, prune_all=False):
+    """Names of the tensors IMP prunes: conv and linear weights (open_lth), or every parameter."""
+    return [n for n, p in model.named_parameters() if prune_all or p.dim() > 1]
+
+
+def prune(model, masks, n_keep):
+    """New masks keeping the `n_keep` largest-magnitude surviving weights, ranked globally across
+    all prunable tensors (so a tensor of large weights keeps more than one of small weights)."""
+    params = dict(model.named_parameters())
+    alive = torch.cat([params[n].detach().abs().flatten()[masks[n].flatten()] for n in masks])
+    keep = torch.zeros(len(alive), dtype=torch.bool, device=alive.device)
+    keep[alive.argsort(descending=True)[:n_keep]] = True
+    new, offset = {}, 0
+    for n, m in masks.items():
+        flat, k = m.clone().flatten(), int(m.sum())
+        flat[flat.nonzero().flatten()] = keep[offset:offset + k]
+        new[n], offset = flat.view_as(m), offset + k
+    return new
+
+
+@torch.no_grad()
+def apply_masks(model, masks):
+    params = dict(model.named_parameters())
+    for n, m in masks.items():
+        params[n].mul_(m)
+
+
+def density(masks):
+    return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot:
+        os.makedirs(args.out, exist_ok=True)
+        return plot_fig8(args.plot, os.path.join(args.out, "fig8.png"))
+    device = setup_device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    state_path, metrics_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "metrics.jsonl")
+
+    state = None
+    if os.path.exists(state_path):
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{state_path} is not readable ({type(e).__name__}); move it away to start over")
+        old = {k: v for k, v in state["args"].items() if k not in ("device", "out")}
+        new = {k: v for k, v in vars(args).items() if k not in ("device", "out")}
+        if old != new:
+            raise UserError(f"{args.out} holds an IMP run with other arguments; "
+                            f"rerun with those or pick another --out")
+
+    # ------------------------------------------------------------------ data and the starting point
+    if args.init.startswith("student:"):   # θ*_S: the distilled student's encoder, buffers included
+        path = args.init.split(":", 1)[1]
+        ckpt = load_checkpoint(path)
+        if ckpt["config"]["arch"] != args.arch:
+            raise UserError(f"--init {path} is a {ckpt['config']['arch']} student, not --arch {args.arch}")
+        encoder = model_from_checkpoint(ckpt, "student", path).encoder
+        img_size = ckpt["config"]["img_size"]
+    else:
+        img_size = None
+    data = load_dataset(args.dataset, args.data_root, device, img_size=img_size)
+    g = torch.Generator().manual_seed(args.seed)
+    if not args.init.startswith("student:"):
+        encoder = make_encoder(args.arch, generator=g, img_size=data["img_size"])
+    model = make_classifier(encoder, data["num_classes"], g).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    n = len(data["y_train"])
+    steps_per_epoch = -(-n // args.batch_size)
+
+    def train(epoch, masks, bar):
+        """One epoch of the App. E.5 schedule, masks re-applied after every step; test accuracy."""
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr(args.lr, epoch - 1, args.milestones)
+        train_epoch(model, optimizer, supervised_loss_fn(model, data, args.seed, epoch), n, args.batch_size,
+                    args.seed, epoch, device, bar, after_step=lambda: apply_masks(model, masks))
+        return test_accuracy(model, data)
+
+    # ------------------------------------------------------------------ IMP with rewinding (Fig. 6)
+    params = dict(model.named_parameters())
+    total = sum(params[nm].numel() for nm in prunable(model, args.prune_all))
+    if state is None:
+        masks = {nm: torch.ones_like(params[nm], dtype=torch.bool) for nm in prunable(model, args.prune_all)}
+        if args.rewind_epochs:   # θ(ℓ): ℓ epochs of dense supervised training
+            with tqdm(total=args.rewind_epochs * steps_per_epoch, desc="rewind point", dynamic_ncols=True) as bar:
+                for epoch in range(1, args.rewind_epochs + 1):
+                    train(epoch, masks, bar)
+        state = dict(args=vars(args), round=0, epoch=args.rewind_epochs, accs=[], masks=masks,
+                     rewind={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                     model=None, optimizer=None)
+        open(metrics_path, "w").close()
+    masks = {k: v.to(device) for k, v in state["masks"].items()}
+    if state["model"] is None:   # the start of a round: rewind the survivors (Frankle et al. 2019)
+        model.load_state_dict(state["rewind"])
+        apply_masks(model, masks)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+
+    epochs_per_round = args.epochs - args.rewind_epochs
+    epochs_left = (args.rounds + 1 - state["round"]) * epochs_per_round - (state["epoch"] - args.rewind_epochs)
+    bar = tqdm(total=max(epochs_left, 0) * steps_per_epoch, dynamic_ncols=True)
+    for rnd in range(state["round"], args.rounds + 1):
+        bar.set_description(f"round {rnd}, {density(masks):.1%} weights")
+        for epoch in range(state["epoch"] + 1, args.epochs + 1):
+            state["accs"].append(train(epoch, masks, bar))
+            state.update(epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict())
+            atomic_save(state, state_path)   # resume point: this round, this epoch
+        row = dict(round=rnd, density=density(masks), final_acc=state["accs"][-1], best_acc=max(state["accs"]),
+                   rewind_epochs=args.rewind_epochs, init=args.init.split(":")[0])
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        tqdm.write(f"round {rnd}: {row['density']:.2%} weights remaining, test acc {row['final_acc']:.2%} "
+                   f"(best {row['best_acc']:.2%})")
+        atomic_save(dict(arch=args.arch, round=rnd, density=row["density"], model=model.state_dict(), masks=masks),
+                    os.path.join(args.out, f"round{rnd}.pt"))
+        # prune by the trained weights' magnitudes, then rewind the survivors to θ(ℓ)
+        masks = prune(model, masks, round(total * (1 - args.prune_fraction) ** (rnd + 1)))
+        model.load_state_dict(state["rewind"])
+        apply_masks(model, masks)
+        optimizer.state.clear()   # fresh momentum for the next round
+        state.update(round=rnd + 1, epoch=args.rewind_epochs, accs=[], masks=masks, model=None, optimizer=None)
+        atomic_save(state, state_path)
+    bar.close()
+    write_json(os.path.join(args.out, "args.json"), vars(args))
+    rows = [json.loads(line) for line in open(metrics_path)]
+    plot_fig8([args.out], os.path.join(args.out, "fig8.png"))
+    print(f"IMP {args.arch} init={args.init} rewind={args.rewind_epochs}: "
+          + ", ".join(f"{r['density']:.1%}: {r['final_acc']:.2%}" for r in rows) + f" -> {args.out}")
+    return rows
+
+
+def plot_fig8(run_dirs, path):
+    """Fig. 8: test accuracy vs weights remaining (log x), one curve per init / rewind point."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for d in run_dirs:
+        rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))] \
+            if os.path.exists(os.path.join(d, "metrics.jsonl")) else []
+        if not rows:
+            continue
+        label = f"init θ*_S (student), ℓ={rows[0]['rewind_epochs']}" if rows[0]["init"] == "student" \
+            else f"init θ_S (random), ℓ={rows[0]['rewind_epochs']}"
+        ax.plot([100 * r["density"] for r in rows], [100 * r["final_acc"] for r in rows], "o-", label=label)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set(xlabel="weights remaining (%)", ylabel="test accuracy (%)", title="IMP with rewinding (Fig. 8)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    run_main(main)
