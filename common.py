@@ -47,7 +47,7 @@ def run_main(main):
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoders (SPEC §1, paper Table 5). The encoder output is the embedding that gets probed.
+# Encoders (paper Table 5, App. E.1). The encoder output is the embedding that gets probed.
 
 NORMS = ["batch", "instance", "group8", "layer", "none"]
 
@@ -212,7 +212,7 @@ def init_weights(module, generator=None):
 BOTTLENECK_FIELDS = ["wn1", "lin1", "fn1", "wn2", "lin2", "fn2"]
 BOTTLENECKS = {
     "paper": "011110",    # App. A as written: linear+bias -> L2 normalize -> weight-normalized linear
-    "authors": "011010",  # the authors' runs (SPEC §1): the last layer's weight norm had no effect
+    "authors": "011010",  # the authors' runs: in their code the last layer's weight norm had no effect
 }
 
 
@@ -292,7 +292,7 @@ def locality_init(teacher, fresh, alpha):
     """Student init of §4: theta_S = ((1-a) theta_T + a theta_R) / sqrt((1-a)^2 + a^2), on every
     parameter; buffers (BN running stats) stay those of the fresh init. Modifies `fresh`.
     In float32, alpha=1e-10 is alpha=0: the student starts as a bit-exact copy of the teacher
-    (SPEC §2; it escapes through floating-point residue amplified by Adam)."""
+    (it escapes through floating-point residue amplified by Adam)."""
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"--alpha must lie in [0, 1], got {alpha}")
     delta = math.sqrt((1 - alpha) ** 2 + alpha ** 2)   # keeps the init's variance for any alpha
@@ -393,7 +393,7 @@ def _tinyimagenet_split(root, train):
     if train:
         files = sorted(glob.glob(os.path.join(base, "train", "*", "images", "*.JPEG")))
         labels = [index[f.split(os.sep)[-3]] for f in files]
-    else:   # the labelled val split serves as test set (SPEC §3)
+    else:   # the labelled val split serves as test set
         with open(os.path.join(base, "val", "val_annotations.txt")) as f:
             rows = sorted(line.split("\t")[:2] for line in f)
         files = [os.path.join(base, "val", "images", r[0]) for r in rows]
@@ -631,8 +631,24 @@ def step_lr(lr, epoch, milestones, gamma=0.1):
     return lr * gamma ** sum(epoch > m for m in milestones)
 
 
+def supervised_epoch(model, optimizer, data, epoch, lr, milestones, batch_size, seed, progress=None,
+                     after_step=None):
+    """One epoch of the App. E.5 recipe (lr from the step schedule, flip + crop, cross-entropy);
+    returns the test accuracy after it."""
+    for group in optimizer.param_groups:
+        group["lr"] = step_lr(lr, epoch - 1, milestones)
+    train_epoch(model, optimizer, supervised_loss_fn(model, data, seed, epoch), len(data["y_train"]),
+                batch_size, seed, epoch, data["x_train"].device, progress, after_step)
+    return accuracy(model, data)
+
+
+def sgd(model, weight_decay=1e-4):
+    """App. E.5: SGD with momentum 0.9 and weight decay 1e-4 (lr set per epoch by `step_lr`)."""
+    return torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=weight_decay)
+
+
 @torch.no_grad()
-def test_accuracy(model, data, batch_size=1024):
+def accuracy(model, data, batch_size=1024):
     """Accuracy on the un-augmented test split, model in eval mode."""
     was_training = model.training
     model.eval()
@@ -646,7 +662,7 @@ def test_accuracy(model, data, batch_size=1024):
 
 
 # ----------------------------------------------------------------------------------------------
-# Probes (paper §3 and App. C.1; protocols in SPEC §3). Both run on cached features, torch only.
+# Probes (paper §3 and App. C.1, protocols as in the authors' code). Both run on cached features, torch only.
 
 @torch.no_grad()
 def extract_features(encoder, x, data, batch_size=512, device="cpu"):
@@ -686,7 +702,7 @@ def knn_probe(train_f, train_y, test_f, test_y, k=20, metric="l2", num_classes=N
 
 def linear_probe(train_f, train_y, test_f, test_y, num_classes=None, epochs=10, lr=1e-3,
                  weight_decay=0.01, batch_size=256, seed=0, standardize=False):
-    """Test accuracy of a Linear(embed, classes) trained on frozen features (SPEC §3: AdamW 1e-3,
+    """Test accuracy of a Linear(embed, classes) trained on frozen features (the authors' protocol: AdamW 1e-3,
     wd 0.01, batch 256, 10 epochs). `standardize` uses the train split's mean/std."""
     num_classes = num_classes or int(train_y.max()) + 1
     if standardize:

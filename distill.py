@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="vgg11", help=f"encoder, one of: {', '.join(ARCHS)}")
     p.add_argument("--alpha", type=float, default=1e-10,
                    help="locality of the student init (§4): 0 = the teacher's weights, 1 = an independent "
-                        "init. The paper uses 1e-10, which float32 rounds to 0 (SPEC §2)")
+                        "init. The paper uses 1e-10, which float32 rounds to 0")
     p.add_argument("--dataset", default="cifar10",
                    help=f"distillation data, one of: {', '.join([*DATASETS, NOISE])} "
                         f"('{NOISE}': N(0,1) noise shaped like --probe-dataset, Fig. 4)")
@@ -178,7 +178,7 @@ def main(argv=None):
 
     def probe(feats, seed):
         (f_tr, f_te), c = feats, data["num_classes"]
-        # raw features are the paper's probe; standardized ones (train mean/std) were probed too (SPEC §3)
+        # raw features are the paper's probe; standardized ones (train mean/std) were probed too by the authors
         return dict(linear=linear_probe(f_tr, y_ptr, f_te, y_pte, c, seed=seed),
                     linear_std=linear_probe(f_tr, y_ptr, f_te, y_pte, c, seed=seed, standardize=True),
                     knn=knn_probe(f_tr, y_ptr, f_te, y_pte, args.knn_k, "l2", c),

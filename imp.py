@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from common import (ARCHS, DATASETS, UserError, arg_parser, atomic_save, load_checkpoint, load_dataset,
-                    make_classifier, make_encoder, model_from_checkpoint, run_main, setup_device, step_lr,
-                    supervised_loss_fn, test_accuracy, train_epoch, write_json)
+                    make_classifier, make_encoder, model_from_checkpoint, run_main, setup_device, sgd,
+                    supervised_epoch, write_json)
 
 
 def parse_args(argv=None):
@@ -140,17 +140,13 @@ def main(argv=None):
     if not args.init.startswith("student:"):
         encoder = make_encoder(args.arch, generator=g, img_size=data["img_size"])
     model = make_classifier(encoder, data["num_classes"], g).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    n = len(data["y_train"])
-    steps_per_epoch = -(-n // args.batch_size)
+    optimizer = sgd(model, args.weight_decay)
+    steps_per_epoch = -(-len(data["y_train"]) // args.batch_size)
 
     def train(epoch, masks, bar):
         """One epoch of the App. E.5 schedule, masks re-applied after every step; test accuracy."""
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr(args.lr, epoch - 1, args.milestones)
-        train_epoch(model, optimizer, supervised_loss_fn(model, data, args.seed, epoch), n, args.batch_size,
-                    args.seed, epoch, device, bar, after_step=lambda: apply_masks(model, masks))
-        return test_accuracy(model, data)
+        return supervised_epoch(model, optimizer, data, epoch, args.lr, args.milestones, args.batch_size,
+                                args.seed, bar, after_step=lambda: apply_masks(model, masks))
 
     # ------------------------------------------------------------------ IMP with rewinding (Fig. 6)
     params = dict(model.named_parameters())

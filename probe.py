@@ -41,8 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", nargs="+", default=["cifar10"],
                    help=f"probe data, one or more of: {', '.join(DATASETS)}")
     p.add_argument("--data-root", default="data")
-    p.add_argument("--batch-size", type=int, default=256, help="linear-probe batch (SPEC §3: 256)")
-    p.add_argument("--probe-epochs", type=int, default=10, help="linear-probe epochs (SPEC §3: 10)")
+    p.add_argument("--batch-size", type=int, default=256, help="linear-probe batch (the authors': 256)")
+    p.add_argument("--probe-epochs", type=int, default=10, help="linear-probe epochs (the authors': 10)")
     p.add_argument("--features", default="raw", choices=["raw", "standardized", "both"],
                    help="linear probe on raw features (the paper's numbers) or train-standardized ones")
     p.add_argument("--knn-k", type=int, default=20, help="k of the k-NN probe (App. C.1)")

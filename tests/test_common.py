@@ -19,7 +19,7 @@ def n_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-# ------------------------------------------------------------------ models (SPEC §1, Table 5)
+# ------------------------------------------------------------------ models (Table 5)
 
 @pytest.mark.parametrize("arch,count", [
     ("vgg11", 9_220_480), ("vgg13", 9_404_992), ("vgg16", 14_714_688), ("vgg19", 20_024_384),

@@ -26,7 +26,7 @@ def cli(*flags):
 
 def test_student_escapes_float_identical_teacher(tmp_path):
     # VGG11 has no norm layers: at alpha=1e-10 the student computes its teacher's function to float
-    # precision, and only rounding residue, amplified by Adam, moves it (SPEC §2).
+    # precision, and only rounding residue, amplified by Adam, moves it.
     metrics = run(tmp_path, "--arch", "vgg11", "--alpha", "1e-10", "--epochs", "1")
     start, end = metrics
     assert start["dist_from_init"] == 0 and start["kl"] < 1e-12

@@ -56,13 +56,13 @@ def test_global_threshold_keeps_more_of_the_large_tensor():
 
 def test_every_round_starts_from_the_rewound_weights(tmp_path, monkeypatch):
     starts = []
-    original = imp.train_epoch
+    original = imp.supervised_epoch
 
-    def spy(model, optimizer, loss_fn, n, batch_size, seed, epoch, *a, **kw):
+    def spy(model, optimizer, data, epoch, *a, **kw):
         if epoch == 2:   # the first epoch of a round when rewinding to l = 1
             starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return original(model, optimizer, loss_fn, n, batch_size, seed, epoch, *a, **kw)
-    monkeypatch.setattr(imp, "train_epoch", spy)
+        return original(model, optimizer, data, epoch, *a, **kw)
+    monkeypatch.setattr(imp, "supervised_epoch", spy)
     run(tmp_path, "--epochs", "3", "--rounds", "2", "--rewind-epochs", "1")
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert len(starts) == 3
@@ -77,17 +77,17 @@ def test_killed_run_resumes_at_its_round_and_epoch(tmp_path, monkeypatch):
     flags = ["--epochs", "2", "--rounds", "1"]
     whole = run(tmp_path / "a", *flags)
     calls = {"n": 0}
-    original = imp.train_epoch
+    original = imp.supervised_epoch
 
     def dies_on_third_epoch(*a, **kw):
         calls["n"] += 1
         if calls["n"] == 3:   # round 1, epoch 1
             raise KeyboardInterrupt
         return original(*a, **kw)
-    monkeypatch.setattr(imp, "train_epoch", dies_on_third_epoch)
+    monkeypatch.setattr(imp, "supervised_epoch", dies_on_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", *flags)
-    monkeypatch.setattr(imp, "train_epoch", original)
+    monkeypatch.setattr(imp, "supervised_epoch", original)
     assert torch.load(tmp_path / "b" / "state.pt", weights_only=True)["round"] == 1
     assert run(tmp_path / "b", *flags) == whole
     assert [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")] == whole

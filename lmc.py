@@ -1,0 +1,216 @@
+"""Linear mode connectivity from the distilled student (Sarnthein et al., ICML 2023, §6, Fig. 7 and 9).
+
+From one starting point, train K supervised copies that differ only in data order and
+augmentation draws (the App. E.5 recipe), then walk the straight line between every pair,
+θ(γ) = γ θ_i + (1 − γ) θ_j, and measure test error. Two copies are linearly mode-connected when
+the error along the path does not rise above its endpoints: the barrier is
+max_γ err(θ(γ)) − (err(θ_i) + err(θ_j)) / 2. Fig. 9: copies started at the distilled student θ*_S
+share a basin; copies started at the random init θ_S (the teacher's location) do not.
+
+    python lmc.py --arch resnet18 --init student:runs/resnet18_a1e-10_cifar10/best.pt --out runs/lmc_student
+    python lmc.py --arch resnet18 --init random --out runs/lmc_random
+    python lmc.py --plot runs/lmc_random runs/lmc_student --out runs                      # Fig. 9
+    python lmc.py --arch resnet20 --dataset fake --epochs 1 --copies 2 --points 5 --out runs/dry
+
+Batch norm along the path (`--bn`): `interpolate` treats running statistics like weights (every
+float tensor of the state dict is interpolated); `recompute` interpolates the parameters only and
+re-estimates the statistics at each γ on a fixed subset of un-augmented training images.
+Rerunning the same command resumes at the copy it reached; trained copies are kept as copy<i>.pt.
+"""
+import itertools
+import json
+import os
+import statistics
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from common import (ARCHS, DATASETS, UserError, arg_parser, atomic_save, autocast, load_checkpoint,
+                    load_dataset, make_classifier, make_encoder, model_from_checkpoint, normalize, run_main,
+                    setup_device, sgd, supervised_epoch, accuracy, write_json)
+
+
+def parse_args(argv=None):
+    p = arg_parser(__doc__)
+    p.add_argument("--arch", default="resnet18", help=f"encoder, one of: {', '.join(ARCHS)}")
+    p.add_argument("--init", default="random",
+                   help="'random' (a fresh init θ_S, seed --init-seed) or 'student:CKPT' "
+                        "(a distilled student θ*_S)")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the random init and of the classifier")
+    p.add_argument("--copies", type=int, default=5, help="K supervised copies (paper: 5)")
+    p.add_argument("--points", type=int, default=50, help="evenly spaced γ in [0, 1] per path (paper: 50)")
+    p.add_argument("--bn", default="interpolate", choices=["interpolate", "recompute"],
+                   help="BN statistics along the path: interpolated with the weights, or re-estimated")
+    p.add_argument("--bn-samples", type=int, default=2048, help="train images for --bn recompute")
+    p.add_argument("--dataset", default="cifar10", help=f"one of: {', '.join(DATASETS)}")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--epochs", type=int, default=160, help="App. E.5: 160")
+    p.add_argument("--batch-size", type=int, default=128, help="App. E.5: 128")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD, momentum 0.9 (App. E.5)")
+    p.add_argument("--milestones", type=int, nargs="*", default=None,
+                   help="epochs after which lr drops x0.1 (default: half and 3/4 of --epochs, i.e. 80 120)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0, help="copy i uses seed + i for data order and augmentation")
+    p.add_argument("--out", default=None, help="run directory (default: runs/lmc_<arch>_<init>)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--plot", nargs="+", metavar="DIR", help="only draw Fig. 9 from these run directories")
+    args = p.parse_args(argv)
+    if args.plot:
+        args.out = args.out or "runs"
+        return args
+    if args.arch not in ARCHS or args.arch == "flatten":
+        p.error(f"unknown --arch {args.arch!r}; choose from {', '.join(a for a in ARCHS if a != 'flatten')}")
+    if args.dataset not in DATASETS:
+        p.error(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+    if args.init != "random" and not args.init.startswith("student:"):
+        p.error(f"--init must be 'random' or 'student:CKPT', got {args.init!r}")
+    if args.copies < 2 or args.points < 2:
+        p.error("--copies and --points must be at least 2")
+    if args.milestones is None:
+        args.milestones = [args.epochs // 2, args.epochs * 3 // 4]
+    args.out = args.out or f"runs/lmc_{args.arch}_{args.init.split(':')[0]}"
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# The linear path between two copies (Frankle et al. 2020).
+
+def interpolate(state_i, state_j, gamma, keys=None):
+    """γ θ_i + (1 − γ) θ_j for every float tensor of the state dicts, or for `keys` only (the
+    other entries are θ_j's). γ = 0 and γ = 1 give θ_j and θ_i exactly."""
+    keys = keys or {k for k, v in state_i.items() if v.is_floating_point()}
+    return {k: gamma * v + (1 - gamma) * state_j[k] if k in keys else state_j[k] for k, v in state_i.items()}
+
+
+@torch.no_grad()
+def recompute_bn(model, x, data, batch_size=256):
+    """Reset every BN layer and re-estimate its running statistics as an exact average over x."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None   # cumulative moving average: every batch weighs the same
+    model.train()
+    for xb in x.split(batch_size):
+        with autocast(x.device):
+            model(normalize(xb, data))
+    model.eval()
+
+
+def path_errors(model, state_i, state_j, gammas, data, bn="interpolate", bn_x=None):
+    """Test error at each γ on the path from θ_j (γ = 0) to θ_i (γ = 1)."""
+    params = {n for n, _ in model.named_parameters()} if bn == "recompute" else None
+    errors = []
+    for gamma in gammas:
+        model.load_state_dict(interpolate(state_i, state_j, gamma, params))
+        if bn == "recompute":
+            recompute_bn(model, bn_x, data)
+        errors.append(1 - accuracy(model, data))
+    return errors
+
+
+def barrier(errors):
+    """The error barrier of Frankle et al. (2020): the path's peak above the endpoints' mean."""
+    return max(errors) - (errors[0] + errors[-1]) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot:
+        os.makedirs(args.out, exist_ok=True)
+        return plot_fig9(args.plot, os.path.join(args.out, "fig9.png"))
+    device = setup_device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    args_path = os.path.join(args.out, "args.json")
+    if os.path.exists(args_path):
+        old = {k: v for k, v in json.load(open(args_path)).items() if k not in ("device", "out")}
+        if old != {k: v for k, v in vars(args).items() if k not in ("device", "out")}:
+            raise UserError(f"{args.out} holds an LMC run with other arguments; "
+                            f"rerun with those or pick another --out")
+    write_json(args_path, vars(args))
+
+    # ------------------------------------------------------------------ the shared starting point
+    img_size = None
+    g = torch.Generator().manual_seed(args.init_seed)
+    if args.init.startswith("student:"):   # θ*_S, buffers included
+        path = args.init.split(":", 1)[1]
+        ckpt = load_checkpoint(path)
+        if ckpt["config"]["arch"] != args.arch:
+            raise UserError(f"--init {path} is a {ckpt['config']['arch']} student, not --arch {args.arch}")
+        encoder, img_size = model_from_checkpoint(ckpt, "student", path).encoder, ckpt["config"]["img_size"]
+    data = load_dataset(args.dataset, args.data_root, device, img_size=img_size)
+    if not args.init.startswith("student:"):
+        encoder = make_encoder(args.arch, generator=g, img_size=data["img_size"])
+    model = make_classifier(encoder, data["num_classes"], g).to(device)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # ------------------------------------------------------------------ K copies, different SGD noise
+    states, own_errors = [], []
+    for i in range(args.copies):
+        path = os.path.join(args.out, f"copy{i}.pt")
+        if os.path.exists(path):   # resume: this copy is done
+            states.append(torch.load(path, map_location=device, weights_only=True)["model"])
+        else:
+            model.load_state_dict(start)
+            optimizer = sgd(model, args.weight_decay)
+            steps = args.epochs * -(-len(data["y_train"]) // args.batch_size)
+            with tqdm(total=steps, desc=f"copy {i}", dynamic_ncols=True) as bar:
+                for epoch in range(1, args.epochs + 1):
+                    supervised_epoch(model, optimizer, data, epoch, args.lr, args.milestones,
+                                     args.batch_size, args.seed + i, bar)
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+            atomic_save(dict(arch=args.arch, seed=args.seed + i, model=states[-1]), path)
+        model.load_state_dict(states[-1])
+        own_errors.append(1 - accuracy(model, data))
+        print(f"copy {i}: test error {own_errors[-1]:.2%}")
+
+    # ------------------------------------------------------------------ every pair's path (Fig. 9)
+    gammas = torch.linspace(0, 1, args.points).tolist()
+    order = torch.randperm(len(data["y_train"]), generator=torch.Generator().manual_seed(args.seed))
+    bn_x = data["x_train"][order[:args.bn_samples].to(device)]   # fixed, un-augmented
+    rows = []
+    for i, j in itertools.combinations(range(args.copies), 2):
+        errors = path_errors(model, states[i], states[j], gammas, data, args.bn, bn_x)
+        rows.append(dict(i=i, j=j, gammas=gammas, errors=errors, barrier=barrier(errors)))
+        print(f"copies {i}-{j}: barrier {rows[-1]['barrier']:.2%}")
+    with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    barriers = [r["barrier"] for r in rows]
+    summary = dict(init=args.init.split(":")[0], bn=args.bn, copy_errors=own_errors,
+                   barrier_mean=statistics.fmean(barriers),
+                   barrier_std=statistics.stdev(barriers) if len(barriers) > 1 else 0.0)
+    write_json(os.path.join(args.out, "summary.json"), summary)
+    plot_fig9([args.out], os.path.join(args.out, "fig9.png"))
+    print(f"LMC {args.arch} init={summary['init']} bn={args.bn}: barrier {summary['barrier_mean']:.2%} "
+          f"± {summary['barrier_std']:.2%} over {len(rows)} pairs -> {args.out}")
+    return rows, summary
+
+
+def plot_fig9(run_dirs, path):
+    """Fig. 9: test error along the linear paths, one panel per run (init); pairs thin, mean bold."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(run_dirs), figsize=(4.5 * len(run_dirs), 3.8), squeeze=False, sharey=True)
+    for ax, d in zip(axes[0], run_dirs):
+        rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+        summary = json.load(open(os.path.join(d, "summary.json")))
+        for r in rows:
+            ax.plot(r["gammas"], [100 * e for e in r["errors"]], color="C0", lw=0.8, alpha=0.5)
+        mean = [100 * statistics.fmean(es) for es in zip(*(r["errors"] for r in rows))]
+        ax.plot(rows[0]["gammas"], mean, color="C0", lw=2.5)
+        name = "finetune θ*_S (student)" if summary["init"] == "student" else "train from θ_S (random init)"
+        ax.set(xlabel="interpolation γ", title=f"{name}\nbarrier {100 * summary['barrier_mean']:.1f} "
+               f"± {100 * summary['barrier_std']:.1f}%, BN {summary['bn']}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test error (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    run_main(main)
