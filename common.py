@@ -642,6 +642,49 @@ def supervised_epoch(model, optimizer, data, epoch, lr, milestones, batch_size, 
     return accuracy(model, data)
 
 
+def add_supervised_args(p):
+    """The flags of the App. E.5 recipe and its starting point, shared by imp.py and lmc.py."""
+    p.add_argument("--arch", default="resnet18", help=f"encoder, one of: {', '.join(ARCHS[:-1])}")
+    p.add_argument("--init", default="random",
+                   help="'random' (a fresh init θ_S) or 'student:CKPT' (a distilled student's encoder θ*_S)")
+    p.add_argument("--dataset", default="cifar10", help=f"one of: {', '.join(DATASETS)}")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--epochs", type=int, default=160, help="App. E.5: 160")
+    p.add_argument("--batch-size", type=int, default=128, help="App. E.5: 128")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD, momentum 0.9 (App. E.5)")
+    p.add_argument("--milestones", type=int, nargs="*", default=None,
+                   help="epochs after which lr drops x0.1 (default: half and 3/4 of --epochs, i.e. 80 120)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_supervised_args(p, args):
+    if args.arch not in ARCHS[:-1]:   # "flatten" has nothing to train
+        p.error(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS[:-1])}")
+    if args.dataset not in DATASETS:
+        p.error(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+    if args.init != "random" and not args.init.startswith("student:"):
+        p.error(f"--init must be 'random' or 'student:CKPT', got {args.init!r}")
+    if args.milestones is None:
+        args.milestones = [args.epochs // 2, args.epochs * 3 // 4]
+
+
+def supervised_start(args, device, generator):
+    """The classifier at the starting point (a distilled student's encoder, buffers included, or a
+    fresh init) with a fresh linear head, and the data at the encoder's resolution."""
+    img_size = None
+    if args.init.startswith("student:"):
+        path = args.init.split(":", 1)[1]
+        ckpt = load_checkpoint(path)
+        if ckpt["config"]["arch"] != args.arch:
+            raise UserError(f"--init {path} is a {ckpt['config']['arch']} student, not --arch {args.arch}")
+        encoder, img_size = model_from_checkpoint(ckpt, "student", path).encoder, ckpt["config"]["img_size"]
+    data = load_dataset(args.dataset, args.data_root, device, img_size=img_size)
+    if img_size is None:
+        encoder = make_encoder(args.arch, generator=generator, img_size=data["img_size"])
+    return make_classifier(encoder, data["num_classes"], generator).to(device), data
+
+
 def sgd(model, weight_decay=1e-4):
     """App. E.5: SGD with momentum 0.9 and weight decay 1e-4 (lr set per epoch by `step_lr`)."""
     return torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=weight_decay)

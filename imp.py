@@ -19,50 +19,31 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import (ARCHS, DATASETS, UserError, arg_parser, atomic_save, load_checkpoint, load_dataset,
-                    make_classifier, make_encoder, model_from_checkpoint, run_main, setup_device, sgd,
-                    supervised_epoch, write_json)
+from common import (UserError, add_supervised_args, arg_parser, atomic_save, check_supervised_args, run_main,
+                    setup_device, sgd, supervised_epoch, supervised_start, write_json)
 
 
 def parse_args(argv=None):
     p = arg_parser(__doc__)
-    p.add_argument("--arch", default="resnet18", help=f"encoder, one of: {', '.join(ARCHS)}")
-    p.add_argument("--init", default="random",
-                   help="'random' (a fresh init θ_S) or 'student:CKPT' (a distilled student's encoder θ*_S)")
+    add_supervised_args(p)
     p.add_argument("--rewind-epochs", type=int, default=0,
                    help="ℓ: every round restarts from the weights after ℓ dense epochs (Fig. 8: 0, 1, 2, 5)")
     p.add_argument("--rounds", type=int, default=15, help="pruning rounds; density 0.8^k after round k")
     p.add_argument("--prune-fraction", type=float, default=0.2, help="of the remaining weights, per round")
     p.add_argument("--prune-all", action="store_true",
                    help="prune every parameter (the authors' runs) instead of conv/linear weights only")
-    p.add_argument("--dataset", default="cifar10", help=f"one of: {', '.join(DATASETS)}")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--epochs", type=int, default=160, help="App. E.5: 160")
-    p.add_argument("--batch-size", type=int, default=128, help="App. E.5: 128")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD, momentum 0.9 (App. E.5)")
-    p.add_argument("--milestones", type=int, nargs="*", default=None,
-                   help="epochs after which lr drops x0.1 (default: half and 3/4 of --epochs, i.e. 80 120)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0, help="classifier init, fresh init, data order, augmentation")
     p.add_argument("--out", default=None, help="run directory (default: runs/imp_<arch>_<init>_l<rewind>)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plot", nargs="+", metavar="DIR", help="only draw Fig. 8 from these run directories")
     args = p.parse_args(argv)
     if args.plot:
         args.out = args.out or "runs"
         return args
-    if args.arch not in ARCHS or args.arch == "flatten":
-        p.error(f"unknown --arch {args.arch!r}; choose from {', '.join(a for a in ARCHS if a != 'flatten')}")
-    if args.dataset not in DATASETS:
-        p.error(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
-    if args.init != "random" and not args.init.startswith("student:"):
-        p.error(f"--init must be 'random' or 'student:CKPT', got {args.init!r}")
+    check_supervised_args(p, args)
     if not 0 < args.prune_fraction < 1:
         p.error("--prune-fraction must lie in (0, 1)")
     if not 0 <= args.rewind_epochs < args.epochs:
         p.error(f"--rewind-epochs must lie in [0, --epochs), got {args.rewind_epochs}")
-    if args.milestones is None:
-        args.milestones = [args.epochs // 2, args.epochs * 3 // 4]
     init_name = "student" if args.init.startswith("student:") else "random"
     args.out = args.out or f"runs/imp_{args.arch}_{init_name}_l{args.rewind_epochs}"
     return args
@@ -126,20 +107,7 @@ def main(argv=None):
                             f"rerun with those or pick another --out")
 
     # ------------------------------------------------------------------ data and the starting point
-    if args.init.startswith("student:"):   # θ*_S: the distilled student's encoder, buffers included
-        path = args.init.split(":", 1)[1]
-        ckpt = load_checkpoint(path)
-        if ckpt["config"]["arch"] != args.arch:
-            raise UserError(f"--init {path} is a {ckpt['config']['arch']} student, not --arch {args.arch}")
-        encoder = model_from_checkpoint(ckpt, "student", path).encoder
-        img_size = ckpt["config"]["img_size"]
-    else:
-        img_size = None
-    data = load_dataset(args.dataset, args.data_root, device, img_size=img_size)
-    g = torch.Generator().manual_seed(args.seed)
-    if not args.init.startswith("student:"):
-        encoder = make_encoder(args.arch, generator=g, img_size=data["img_size"])
-    model = make_classifier(encoder, data["num_classes"], g).to(device)
+    model, data = supervised_start(args, device, torch.Generator().manual_seed(args.seed))
     optimizer = sgd(model, args.weight_decay)
     steps_per_epoch = -(-len(data["y_train"]) // args.batch_size)
 

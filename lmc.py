@@ -26,49 +26,30 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (ARCHS, DATASETS, UserError, arg_parser, atomic_save, autocast, load_checkpoint,
-                    load_dataset, make_classifier, make_encoder, model_from_checkpoint, normalize, run_main,
-                    setup_device, sgd, supervised_epoch, accuracy, write_json)
+from common import (UserError, accuracy, add_supervised_args, arg_parser, atomic_save, autocast,
+                    check_supervised_args, normalize, run_main, setup_device, sgd, supervised_epoch,
+                    supervised_start, write_json)
 
 
 def parse_args(argv=None):
     p = arg_parser(__doc__)
-    p.add_argument("--arch", default="resnet18", help=f"encoder, one of: {', '.join(ARCHS)}")
-    p.add_argument("--init", default="random",
-                   help="'random' (a fresh init θ_S, seed --init-seed) or 'student:CKPT' "
-                        "(a distilled student θ*_S)")
+    add_supervised_args(p)
     p.add_argument("--init-seed", type=int, default=0, help="seed of the random init and of the classifier")
     p.add_argument("--copies", type=int, default=5, help="K supervised copies (paper: 5)")
     p.add_argument("--points", type=int, default=50, help="evenly spaced γ in [0, 1] per path (paper: 50)")
     p.add_argument("--bn", default="interpolate", choices=["interpolate", "recompute"],
                    help="BN statistics along the path: interpolated with the weights, or re-estimated")
     p.add_argument("--bn-samples", type=int, default=2048, help="train images for --bn recompute")
-    p.add_argument("--dataset", default="cifar10", help=f"one of: {', '.join(DATASETS)}")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--epochs", type=int, default=160, help="App. E.5: 160")
-    p.add_argument("--batch-size", type=int, default=128, help="App. E.5: 128")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD, momentum 0.9 (App. E.5)")
-    p.add_argument("--milestones", type=int, nargs="*", default=None,
-                   help="epochs after which lr drops x0.1 (default: half and 3/4 of --epochs, i.e. 80 120)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0, help="copy i uses seed + i for data order and augmentation")
     p.add_argument("--out", default=None, help="run directory (default: runs/lmc_<arch>_<init>)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plot", nargs="+", metavar="DIR", help="only draw Fig. 9 from these run directories")
     args = p.parse_args(argv)
     if args.plot:
         args.out = args.out or "runs"
         return args
-    if args.arch not in ARCHS or args.arch == "flatten":
-        p.error(f"unknown --arch {args.arch!r}; choose from {', '.join(a for a in ARCHS if a != 'flatten')}")
-    if args.dataset not in DATASETS:
-        p.error(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
-    if args.init != "random" and not args.init.startswith("student:"):
-        p.error(f"--init must be 'random' or 'student:CKPT', got {args.init!r}")
+    check_supervised_args(p, args)
     if args.copies < 2 or args.points < 2:
         p.error("--copies and --points must be at least 2")
-    if args.milestones is None:
-        args.milestones = [args.epochs // 2, args.epochs * 3 // 4]
     args.out = args.out or f"runs/lmc_{args.arch}_{args.init.split(':')[0]}"
     return args
 
@@ -132,18 +113,7 @@ def main(argv=None):
     write_json(args_path, vars(args))
 
     # ------------------------------------------------------------------ the shared starting point
-    img_size = None
-    g = torch.Generator().manual_seed(args.init_seed)
-    if args.init.startswith("student:"):   # θ*_S, buffers included
-        path = args.init.split(":", 1)[1]
-        ckpt = load_checkpoint(path)
-        if ckpt["config"]["arch"] != args.arch:
-            raise UserError(f"--init {path} is a {ckpt['config']['arch']} student, not --arch {args.arch}")
-        encoder, img_size = model_from_checkpoint(ckpt, "student", path).encoder, ckpt["config"]["img_size"]
-    data = load_dataset(args.dataset, args.data_root, device, img_size=img_size)
-    if not args.init.startswith("student:"):
-        encoder = make_encoder(args.arch, generator=g, img_size=data["img_size"])
-    model = make_classifier(encoder, data["num_classes"], g).to(device)
+    model, data = supervised_start(args, device, torch.Generator().manual_seed(args.init_seed))
     start = {k: v.clone() for k, v in model.state_dict().items()}
 
     # ------------------------------------------------------------------ K copies, different SGD noise

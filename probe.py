@@ -15,7 +15,6 @@ A run directory stands for its best.pt (the checkpoint with the best raw student
 authors' selection; `--which last` for last.pt). For transfer, images are resized to the
 checkpoint's resolution and normalized with the probe dataset's statistics.
 """
-import json
 import math
 import os
 import statistics
@@ -23,7 +22,7 @@ import time
 
 import torch
 
-from common import (ARCHS, DATASETS, UserError, arg_parser, distill_loss_fn, extract_features, knn_probe,
+from common import (ARCHS, DATASETS, arg_parser, distill_loss_fn, extract_features, knn_probe,
                     linear_probe, load_checkpoint, load_dataset, make_encoder, make_model,
                     model_from_checkpoint, probe_subset, run_main, setup_device, train_epoch, write_json)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from common import make_classifier, make_encoder
 from conftest import load_script
 
 imp = load_script("imp")
@@ -31,7 +32,7 @@ def test_density_is_0_8_pow_k_and_pruned_weights_stay_zero(tmp_path):
 
 
 def test_default_prunes_conv_and_linear_weights_only(tmp_path):
-    model = imp.make_classifier(imp.make_encoder("resnet20"), 10, torch.Generator().manual_seed(0))
+    model = make_classifier(make_encoder("resnet20"), 10, torch.Generator().manual_seed(0))
     names = imp.prunable(model)
     assert names and all(dict(model.named_parameters())[n].dim() > 1 for n in names)
     assert not any("bn" in n or "bias" in n for n in names) and "fc.weight" in names
