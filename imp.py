@@ -108,6 +108,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ data and the starting point
     model, data = supervised_start(args, device, torch.Generator().manual_seed(args.seed))
+    write_json(os.path.join(args.out, "args.json"), vars(args))
     optimizer = sgd(model, args.weight_decay)
     steps_per_epoch = -(-len(data["y_train"]) // args.batch_size)
 
@@ -162,7 +163,6 @@ def main(argv=None):
         state.update(round=rnd + 1, epoch=args.rewind_epochs, accs=[], masks=masks, model=None, optimizer=None)
         atomic_save(state, state_path)
     bar.close()
-    write_json(os.path.join(args.out, "args.json"), vars(args))
     rows = [json.loads(line) for line in open(metrics_path)]
     plot_fig8([args.out], os.path.join(args.out, "fig8.png"))
     print(f"IMP {args.arch} init={args.init} rewind={args.rewind_epochs}: "

@@ -105,15 +105,15 @@ def main(argv=None):
     device = setup_device(args.device)
     os.makedirs(args.out, exist_ok=True)
     args_path = os.path.join(args.out, "args.json")
-    if os.path.exists(args_path):
+    if os.path.exists(os.path.join(args.out, "copy0.pt")):   # trained copies belong to these arguments
         old = {k: v for k, v in json.load(open(args_path)).items() if k not in ("device", "out")}
         if old != {k: v for k, v in vars(args).items() if k not in ("device", "out")}:
             raise UserError(f"{args.out} holds an LMC run with other arguments; "
                             f"rerun with those or pick another --out")
-    write_json(args_path, vars(args))
 
     # ------------------------------------------------------------------ the shared starting point
     model, data = supervised_start(args, device, torch.Generator().manual_seed(args.init_seed))
+    write_json(args_path, vars(args))
     start = {k: v.clone() for k, v in model.state_dict().items()}
 
     # ------------------------------------------------------------------ K copies, different SGD noise
