@@ -642,8 +642,12 @@ def supervised_epoch(model, optimizer, data, epoch, lr, milestones, batch_size, 
     return accuracy(model, data)
 
 
-def add_supervised_args(p):
-    """The flags of the App. E.5 recipe and its starting point, shared by imp.py and lmc.py."""
+def add_supervised_args(p, figure, seed_help, out_help):
+    """The flags of the App. E.5 recipe, its starting point, the run directory and `--plot`,
+    shared by imp.py (Fig. 8) and lmc.py (Fig. 9)."""
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--out", default=None, help=f"run directory (default: {out_help}; with --plot: runs)")
+    p.add_argument("--plot", nargs="+", metavar="DIR", help=f"only draw {figure} from these run directories")
     p.add_argument("--arch", default="resnet18", help=f"encoder, one of: {', '.join(ARCHS[:-1])}")
     p.add_argument("--init", default="random",
                    help="'random' (a fresh init θ_S) or 'student:CKPT' (a distilled student's encoder θ*_S)")
@@ -659,6 +663,10 @@ def add_supervised_args(p):
 
 
 def check_supervised_args(p, args):
+    """Validate the shared flags; with --plot nothing else is needed."""
+    if args.plot:
+        args.out = args.out or "runs"
+        return
     if args.arch not in ARCHS[:-1]:   # "flatten" has nothing to train
         p.error(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS[:-1])}")
     if args.dataset not in DATASETS:

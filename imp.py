@@ -25,21 +25,18 @@ from common import (UserError, add_supervised_args, arg_parser, atomic_save, che
 
 def parse_args(argv=None):
     p = arg_parser(__doc__)
-    add_supervised_args(p)
+    add_supervised_args(p, "Fig. 8", "classifier init, fresh init, data order, augmentation",
+                        "runs/imp_<arch>_<init>_l<rewind>")
     p.add_argument("--rewind-epochs", type=int, default=0,
                    help="ℓ: every round restarts from the weights after ℓ dense epochs (Fig. 8: 0, 1, 2, 5)")
     p.add_argument("--rounds", type=int, default=15, help="pruning rounds; density 0.8^k after round k")
     p.add_argument("--prune-fraction", type=float, default=0.2, help="of the remaining weights, per round")
     p.add_argument("--prune-all", action="store_true",
                    help="prune every parameter (the authors' runs) instead of conv/linear weights only")
-    p.add_argument("--seed", type=int, default=0, help="classifier init, fresh init, data order, augmentation")
-    p.add_argument("--out", default=None, help="run directory (default: runs/imp_<arch>_<init>_l<rewind>)")
-    p.add_argument("--plot", nargs="+", metavar="DIR", help="only draw Fig. 8 from these run directories")
     args = p.parse_args(argv)
-    if args.plot:
-        args.out = args.out or "runs"
-        return args
     check_supervised_args(p, args)
+    if args.plot:
+        return args
     if not 0 < args.prune_fraction < 1:
         p.error("--prune-fraction must lie in (0, 1)")
     if not 0 <= args.rewind_epochs < args.epochs:

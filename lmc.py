@@ -33,21 +33,18 @@ from common import (UserError, accuracy, add_supervised_args, arg_parser, atomic
 
 def parse_args(argv=None):
     p = arg_parser(__doc__)
-    add_supervised_args(p)
+    add_supervised_args(p, "Fig. 9", "copy i uses seed + i for data order and augmentation",
+                        "runs/lmc_<arch>_<init>")
     p.add_argument("--init-seed", type=int, default=0, help="seed of the random init and of the classifier")
     p.add_argument("--copies", type=int, default=5, help="K supervised copies (paper: 5)")
     p.add_argument("--points", type=int, default=50, help="evenly spaced γ in [0, 1] per path (paper: 50)")
     p.add_argument("--bn", default="interpolate", choices=["interpolate", "recompute"],
                    help="BN statistics along the path: interpolated with the weights, or re-estimated")
     p.add_argument("--bn-samples", type=int, default=2048, help="train images for --bn recompute")
-    p.add_argument("--seed", type=int, default=0, help="copy i uses seed + i for data order and augmentation")
-    p.add_argument("--out", default=None, help="run directory (default: runs/lmc_<arch>_<init>)")
-    p.add_argument("--plot", nargs="+", metavar="DIR", help="only draw Fig. 9 from these run directories")
     args = p.parse_args(argv)
-    if args.plot:
-        args.out = args.out or "runs"
-        return args
     check_supervised_args(p, args)
+    if args.plot:
+        return args
     if args.copies < 2 or args.points < 2:
         p.error("--copies and --points must be at least 2")
     args.out = args.out or f"runs/lmc_{args.arch}_{args.init.split(':')[0]}"
