@@ -15,6 +15,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -256,17 +257,25 @@ class Head(nn.Module):
         self.fn1, self.fn2 = on["fn1"], on["fn2"]
         self.out_dim = out_dim if on["lin2"] else d
 
-    def forward(self, x):
+    def bottleneck(self, x):
+        """Everything up to the last layer: the 256-d L2-normalized code z (paper default)."""
         x = self.mlp(x)
         if self.lin1 is not None:
             x = self.lin1(x)
         if self.fn1:
             x = F.normalize(x.float(), dim=-1, eps=1e-12).to(x.dtype)
-        if self.lin2 is not None:
-            x = self.lin2(x)
-        if self.fn2:
-            x = F.normalize(x.float(), dim=-1, eps=1e-12).to(x.dtype)
         return x
+
+    def project(self, z):
+        """The last layer: code z -> out_dim logits."""
+        if self.lin2 is not None:
+            z = self.lin2(z)
+        if self.fn2:
+            z = F.normalize(z.float(), dim=-1, eps=1e-12).to(z.dtype)
+        return z
+
+    def forward(self, x):
+        return self.project(self.bottleneck(x))
 
 
 class Model(nn.Module):
@@ -496,7 +505,8 @@ def gaussian_inputs(n, img_size, generator):
 # Training loop: data on the device, batches are index slices, no DataLoader, no per-step sync.
 
 def setup_device(device):
-    """Check `--device`; on CUDA let cuDNN pick the fastest kernels and matmuls use TF32."""
+    """Check `--device`; on CUDA let cuDNN pick the fastest kernels and matmuls use TF32. Under
+    torchrun, join the process group (NCCL on CUDA, gloo on CPU) and take this rank's GPU."""
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -506,7 +516,39 @@ def setup_device(device):
             raise UserError(f"--device {device}: no CUDA device here; use --device cpu")
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return dev
+
+
+# Data parallel (torchrun): one seeded permutation on every rank, each rank takes its slice of
+# every batch, gradients are averaged by DistributedDataParallel, rank 0 probes and writes.
+
+def world():
+    """(rank, world size); (0, 1) for a plain `python script.py`."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def shard(t):
+    """This rank's contiguous slice of the rows of t (all of t without a process group)."""
+    rank, n = world()
+    return t.tensor_split(n)[rank] if n > 1 else t
+
+
+def gather_rows(t, n_rows):
+    """Inverse of `shard`: every rank's rows, in order, on every rank."""
+    rank, n = world()
+    if n == 1:
+        return t
+    sizes = [len(c) for c in torch.empty(n_rows).tensor_split(n)]
+    padded = torch.zeros(max(sizes), *t.shape[1:], dtype=t.dtype, device=t.device)
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
 
 
 def autocast(device):
@@ -524,24 +566,33 @@ def epoch_batches(n, batch_size, seed, epoch, device):
 def train_epoch(model, optimizer, loss_fn, n, batch_size, seed, epoch, device, progress=None, after_step=None):
     """One epoch of `loss_fn(idx) -> (loss, stats dict)` over n samples. Returns the epoch means
     of loss and stats (one host sync per epoch); raises on a non-finite loss. `after_step()` runs
-    after every optimizer step (IMP re-applies its masks there)."""
+    after every optimizer step (IMP re-applies its masks there). Under torchrun each rank runs
+    its slice of every batch; the loss is reweighted so that DDP's gradient average equals the
+    global batch's mean even when the last batch does not split evenly."""
     model.train()
+    rank, world_size = world()
     totals, steps = None, 0
     for idx in epoch_batches(n, batch_size, seed, epoch, device):
+        weight = 1.0
+        if world_size > 1:
+            local = idx.tensor_split(world_size)[rank]
+            weight, idx = len(local) / len(idx), local
         with autocast(device):
             loss, stats = loss_fn(idx)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * (weight * world_size) if world_size > 1 else loss).backward()
         optimizer.step()
         if after_step is not None:
             after_step()
-        vals = torch.stack([loss.detach().float(), *[v.detach().float() for v in stats.values()]])
+        vals = torch.stack([loss.detach().float(), *[v.detach().float() for v in stats.values()]]) * weight
         totals = vals if totals is None else totals + vals
         steps += 1
         if progress is not None:
             progress.update(1)
             if steps % 50 == 1:
-                progress.set_postfix(loss=f"{vals[0].item():.6g}")
+                progress.set_postfix(loss=f"{loss.item():.6g}")
+    if world_size > 1:
+        dist.all_reduce(totals)
     means = (totals / steps).tolist()
     if not all(math.isfinite(v) for v in means):
         raise UserError(f"non-finite loss in epoch {epoch}; stopping, the last checkpoint is kept. "
@@ -553,28 +604,78 @@ def distillation_loss(student_logits, teacher_logits):
     """The teacher-student loss of §3/§4: H(softmax(t), log_softmax(s)) over all outputs, tau = 1,
     no centering, mean over the batch. Also returns KL(p_t || p_s) and the teacher's entropy,
     both detached. The KL is computed directly: with the authors' head it is ~1e-5 next to a CE of
-    ~ln(65536) = 11.09, below float32 resolution of CE - H. With d = s - t (centered under p_t),
-    KL = log(sum p_t e^d) - sum p_t d = log1p(sum p_t expm1(d)) - sum p_t d, exact for small d."""
+    ~ln(65536) = 11.09, below float32 resolution of CE - H. With d = s - t,
+    KL = log(sum p_t e^d) - sum p_t d = log1p(sum p_t expm1(d)) - sum p_t d, exact for small d
+    (rows where e^d overflows fall back to CE - H).
+    Row dot products go through einsum (a batched matmul) and d is updated in place, so the
+    65536-wide softmax materializes as few [B, m] tensors as it can."""
+    dot = lambda a, b: torch.einsum("bm,bm->b", a, b)
     s, t = student_logits.float(), teacher_logits.float()
-    p_t = t.softmax(-1)
-    ce = F.cross_entropy(s, p_t)
+    log_p_t = t.log_softmax(-1)
+    p_t = log_p_t.exp()
+    ce = -dot(p_t, s.log_softmax(-1))
     with torch.no_grad():
-        d = s - t
-        d = d - (p_t * d).sum(-1, keepdim=True)   # softmax is shift-invariant; keeps both terms small
-        kl = torch.log1p((p_t * torch.expm1(d)).sum(-1)) - (p_t * d).sum(-1)
-        entropy = -(p_t * t.log_softmax(-1)).sum(-1)
-    return ce, kl.mean(), entropy.mean()
+        entropy = -dot(p_t, log_p_t)
+        d = s.detach() - t
+        mean_d = dot(p_t, d)
+        kl = torch.log1p(dot(p_t, d.expm1_())) - mean_d
+        # far apart (e^d overflows: unbounded logits, raw embeddings) CE - H is exact enough
+        kl = torch.where(torch.isfinite(kl), kl, ce.detach() - entropy)
+    return ce.mean(), kl.mean(), entropy.mean()
 
 
-def distill_loss_fn(student, teacher, x, data):
+def compiled(fn):
+    """torch.compile(fn), falling back to eager where compilation fails (no C++ compiler, say)."""
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(fn)
+
+
+def weights_version(model):
+    """Changes whenever any parameter is modified in place (optimizer step, EMA, load_state_dict)."""
+    return sum(p._version for p in model.parameters())
+
+
+@torch.no_grad()
+def teacher_codes(teacher, x, data, batch_size=1024):
+    """The frozen teacher's bottleneck code z = head.bottleneck(encoder(x)) of every distillation
+    image ([N, 256], kept on the device), computed once under the same autocast as a step."""
+    codes = []
+    for xb in shard(x).split(batch_size):   # under torchrun each rank computes its rows
+        with autocast(x.device):
+            codes.append(teacher.head.bottleneck(teacher.encoder(normalize(xb, data))))
+    return gather_rows(torch.cat(codes), len(x))
+
+
+def distill_loss_fn(student, teacher, x, data, augment=None, cache=True, compile=False):
     """loss_fn(idx) for train_epoch: the same un-augmented images to both networks (no
-    augmentation, §3), the frozen teacher under no_grad, the loss of `distillation_loss`."""
+    augmentation, §3), the frozen teacher under no_grad, the loss of `distillation_loss`.
+
+    A frozen random teacher that sees un-augmented images gives every image the same output at
+    every step, so with `cache` (the default where it is valid: teacher in eval mode, no
+    parameter requiring grad, no `augment`) its code z is computed once for all of x and a step
+    runs only the teacher's last layer: the teacher's encoder forward disappears from training.
+    A teacher whose weights change afterwards (an EMA update, say) raises instead of silently
+    being served stale codes. `augment(uint8 batch, idx)`, if given, turns the cache off.
+    `compile` fuses the loss's 65536-wide elementwise passes with torch.compile."""
+    criterion = compiled(distillation_loss) if compile else distillation_loss
+    frozen = not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    codes = teacher_codes(teacher, x, data) if cache and frozen and augment is None else None
+    version = weights_version(teacher)
+
     def loss_fn(idx):
-        xb = normalize(x[idx], data)
+        xb = x[idx] if augment is None else augment(x[idx], idx)
+        xb = normalize(xb, data)
         with torch.no_grad():
-            t = teacher(xb)
-        ce, kl, entropy = distillation_loss(student(xb), t)
+            if codes is None:
+                t = teacher(xb)
+            elif weights_version(teacher) != version:
+                raise RuntimeError("the teacher changed after its outputs were cached; "
+                                   "build the loss with cache=False for a teacher that updates")
+            else:
+                t = teacher.head.project(codes[idx])
+        ce, kl, entropy = criterion(student(xb), t)
         return ce, dict(kl=kl, teacher_entropy=entropy)
+    loss_fn.cached = codes is not None
     return loss_fn
 
 
@@ -754,26 +855,36 @@ def knn_probe(train_f, train_y, test_f, test_y, k=20, metric="l2", num_classes=N
 def linear_probe(train_f, train_y, test_f, test_y, num_classes=None, epochs=10, lr=1e-3,
                  weight_decay=0.01, batch_size=256, seed=0, standardize=False):
     """Test accuracy of a Linear(embed, classes) trained on frozen features (the authors' protocol: AdamW 1e-3,
-    wd 0.01, batch 256, 10 epochs). `standardize` uses the train split's mean/std."""
+    wd 0.01, batch 256, 10 epochs). `standardize` uses the train split's mean/std. Features [P, N, D]
+    train P independent probes at once (one batched matmul per step; landscape.py's grid points),
+    each exactly as a probe of its own: same init, same batches, per-probe mean loss. Returns a
+    float, or a list of P floats for batched features."""
     num_classes = num_classes or int(train_y.max()) + 1
+    batched = train_f.dim() == 3
+    if not batched:
+        train_f, test_f = train_f[None], test_f[None]
     if standardize:
-        mu, sd = train_f.mean(0), train_f.std(0) + 1e-6
+        mu, sd = train_f.mean(1, keepdim=True), train_f.std(1, keepdim=True) + 1e-6
         train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
+    P, _, d = train_f.shape
     g = torch.Generator().manual_seed(seed)
-    clf = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
-    with torch.no_grad():   # nn.Linear's default init, drawn from our generator
-        bound = 1 / math.sqrt(train_f.shape[1])
-        clf.weight.copy_(torch.empty_like(clf.weight, device="cpu").uniform_(-bound, bound, generator=g))
-        clf.bias.copy_(torch.empty_like(clf.bias, device="cpu").uniform_(-bound, bound, generator=g))
-    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
+    bound = 1 / math.sqrt(d)   # nn.Linear's default init, drawn from our generator
+    weight = torch.empty(num_classes, d).uniform_(-bound, bound, generator=g)
+    bias = torch.empty(num_classes).uniform_(-bound, bound, generator=g)
+    weight = weight.T.expand(P, d, num_classes).contiguous().to(train_f.device).requires_grad_()
+    bias = bias.expand(P, 1, num_classes).contiguous().to(train_f.device).requires_grad_()
+    opt = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
     for epoch in range(epochs):
-        for idx in epoch_batches(len(train_f), batch_size, seed, epoch, train_f.device):
-            loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
+        for idx in epoch_batches(train_f.shape[1], batch_size, seed, epoch, train_f.device):
+            logits = torch.baddbmm(bias, train_f[:, idx], weight)
+            # sum over probes of each probe's mean loss: probe p's gradient is its own
+            loss = F.cross_entropy(logits.flatten(0, 1), train_y[idx].repeat(P)) * P
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     with torch.no_grad():
-        return (clf(test_f).argmax(1) == test_y).float().mean().item()
+        acc = (torch.baddbmm(bias, test_f, weight).argmax(-1) == test_y).float().mean(1).tolist()
+    return acc if batched else acc[0]
 
 
 # ----------------------------------------------------------------------------------------------

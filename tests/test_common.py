@@ -180,6 +180,55 @@ def test_kl_is_exact_where_ce_minus_entropy_is_lost_in_float32():
     assert kl.item() == pytest.approx(ref, rel=1e-3)
 
 
+def _cache_setup():
+    g = torch.Generator().manual_seed(0)
+    teacher = make_model("resnet20", out_dim=512, generator=g).eval().requires_grad_(False)
+    student = make_model("resnet20", out_dim=512, generator=g)
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
+    data = dict(mean=torch.full((1, 3, 1, 1), 0.5), std=torch.full((1, 3, 1, 1), 0.25))
+    return teacher, student, x, data
+
+
+def test_teacher_cache_gives_the_recomputed_loss_and_gradients():
+    teacher, student, x, data = _cache_setup()
+    idx = torch.tensor([3, 17, 5, 39, 0, 22])
+    results = []
+    for cache in (True, False):
+        loss_fn = common.distill_loss_fn(student, teacher, x, data, cache=cache)
+        assert loss_fn.cached == cache
+        student.zero_grad()
+        ce, stats = loss_fn(idx)
+        ce.backward()
+        results.append((ce, stats["kl"], stats["teacher_entropy"],
+                        torch.cat([p.grad.flatten() for p in student.parameters()])))
+    for cached, recomputed in zip(*results):
+        torch.testing.assert_close(cached, recomputed, rtol=1e-5, atol=1e-7)
+
+
+def test_teacher_cache_is_off_where_it_would_be_stale():
+    teacher, student, x, data = _cache_setup()
+    assert not common.distill_loss_fn(student, teacher, x, data, augment=lambda xb, idx: xb.flip(3)).cached
+    assert not common.distill_loss_fn(student, teacher.train(), x, data).cached        # BN would update
+    assert not common.distill_loss_fn(student, teacher.eval().requires_grad_(True), x, data).cached
+    teacher.requires_grad_(False)
+    loss_fn = common.distill_loss_fn(student, teacher, x, data)
+    assert loss_fn.cached
+    with torch.no_grad():   # an EMA-style in-place update of the teacher after caching
+        next(teacher.parameters()).mul_(0.99)
+    with pytest.raises(RuntimeError, match="teacher changed"):
+        loss_fn(torch.arange(4))
+
+
+def test_compiled_loss_matches_eager():
+    g = torch.Generator().manual_seed(0)
+    t = 0.02 * torch.randn(4, 4096, generator=g)
+    s = (t + 1e-3 * torch.randn(4, 4096, generator=g)).requires_grad_()
+    eager = distillation_loss(s, t)
+    compiled = common.compiled(distillation_loss)(s, t)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
 # ------------------------------------------------------------------ probes (§3, App. C.1)
 
 def test_knn_probe_matches_hand_computation_for_both_metrics():
@@ -211,6 +260,17 @@ def test_linear_probe_separates_linearly_separable_classes():
     assert linear_probe(f_tr, y_tr, f_te, y_te, standardize=True) >= 0.95
     shuffled = y_tr[torch.randperm(20000, generator=g)]   # labels carry no signal -> chance
     assert linear_probe(f_tr, shuffled, f_te, y_te) < 0.4
+
+
+def test_batched_linear_probes_equal_separate_ones():
+    g = torch.Generator().manual_seed(0)
+    f_tr, f_te = torch.randn(3, 200, 16, generator=g), torch.randn(3, 80, 16, generator=g)
+    y_tr, y_te = torch.randint(0, 4, (200,), generator=g), torch.randint(0, 4, (80,), generator=g)
+    f_tr[[0, 2], :, 0] += 3 * y_tr   # probes 0 and 2 can learn, probe 1 sees noise only
+    f_te[[0, 2], :, 0] += 3 * y_te
+    batched = linear_probe(f_tr, y_tr, f_te, y_te, 4, epochs=5, batch_size=32, seed=5)
+    assert batched == [linear_probe(f_tr[i], y_tr, f_te[i], y_te, 4, epochs=5, batch_size=32, seed=5) for i in range(3)]
+    assert batched[0] > batched[1]
 
 
 def test_linear_probe_is_deterministic_per_seed():

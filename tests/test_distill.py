@@ -13,7 +13,7 @@ from common import UserError, load_checkpoint, make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--dataset", "fake", "--batch-size", "64", "--probe-every", "1", "--probe-samples", "256", "128",
-        "--device", "cpu"]
+        "--device", "cpu", "--compile", "none"]   # compiling (the default) is tested once, below
 
 
 def run(out, *flags):
@@ -76,6 +76,43 @@ def test_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
 
 
+def test_default_compiled_loss_and_recomputed_teacher_give_the_same_run(tmp_path):
+    # alpha 0.5: at 1e-10 the escape from the teacher feeds on rounding residue, which any change
+    # of kernel reorders; away from the teacher the trajectories agree to float tolerance
+    flags = ["--arch", "vgg11", "--out-dim", "256", "--epochs", "1", "--probe-samples", "128", "64", "--alpha", "0.5"]
+    plain = run(tmp_path / "a", *flags)
+    fast = distill.main([*FAST[:-2], "--out", str(tmp_path / "b"), *flags])   # the defaults: compiled loss
+    slow = run(tmp_path / "c", *flags, "--recompute-teacher")
+    for other in (fast, slow):
+        for key in ("ce", "kl", "dist_from_init"):
+            assert other[-1][key] == pytest.approx(plain[-1][key], rel=1e-3)
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    # batch 45 on 512 images: every batch splits 23/22 and the last one (17) 9/8, so this also
+    # checks that the per-rank losses are weighted back into the global batch mean
+    flags = ["--arch", "vgg11", "--out-dim", "256", "--epochs", "2", "--batch-size", "45", "--probe-every", "2",
+             "--alpha", "0.5", *FAST[6:]]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "distill.py", "--dataset", "fake", "--out", str(tmp_path / "one"),
+                          *flags], cwd=ROOT, capture_output=True, text=True, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "distill.py", "--dataset", "fake", "--out", str(tmp_path / "two"), *flags],
+                         cwd=ROOT, capture_output=True, text=True, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    rows = [[json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two")]
+    assert [r["epoch"] for r in rows[1]] == [0, 2]   # rank 0 alone writes
+    for a, b in zip(*rows):
+        for key in ("ce", "kl", "dist_from_init", "teacher_entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4)
+        for key in a:   # same features: the teacher's and the input's probes agree exactly
+            if key.startswith(("teacher_", "input_")):
+                assert b[key] == a[key]
+    a, b = (load_checkpoint(str(tmp_path / d / "last.pt"))["student"] for d in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+
+
 def test_restart_makes_the_trained_student_the_teacher(tmp_path):
     flags = ["--arch", "resnet20", "--out-dim", "256", "--epochs", "1"]
     run(tmp_path / "first", *flags)
@@ -127,3 +164,42 @@ def test_bad_checkpoints_are_refused_and_never_overwritten(tmp_path):
             "--teacher-ckpt", str(tmp_path / "good" / "last.pt"))
     assert r.returncode == 2 and "teacher-ckpt" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "good" / "last.pt").read_bytes() == before
+
+
+def fake_run(d, student_linear, **changes):
+    """A finished run directory as distill.py leaves it, with made-up metrics."""
+    args = vars(distill.parse_args(["--dataset", "fake", "--out", str(d)]))
+    args.update(changes)
+    os.makedirs(d)
+    with open(d / "args.json", "w") as f:
+        json.dump(args, f)
+    row = lambda epoch, acc: dict(epoch=epoch, ce=11.0, kl=0.1 / (epoch + 1), dist_from_init=float(epoch),
+                                  student_linear=acc, student_knn=acc, teacher_linear=0.3, teacher_knn=0.3)
+    with open(d / "metrics.jsonl", "w") as f:
+        f.write(json.dumps(dict(row(0, 0.3), input_linear=0.35, n_distill=512)) + "\n")
+        f.write(json.dumps(row(5, student_linear)) + "\n")
+
+
+def test_plot_finds_each_sweep_from_the_runs_own_arguments(tmp_path):
+    base = tmp_path / "base"
+    fake_run(base, 0.50)
+    fake_run(tmp_path / "a05", 0.45, alpha=0.5)
+    fake_run(tmp_path / "a1", 0.40, alpha=1.0)
+    fake_run(tmp_path / "m256", 0.42, out_dim=256)
+    fake_run(tmp_path / "round2", 0.49, teacher_ckpt=str(base / "last.pt"))
+    fake_run(tmp_path / "n100", 0.33, n_samples=100)
+    fake_run(tmp_path / "g100", 0.20, n_samples=100, dataset="gaussian")
+    fake_run(tmp_path / "g512", 0.21, dataset="gaussian")
+    dirs = sorted(str(p) for p in tmp_path.iterdir())
+    summary = distill.main(["--plot", *dirs, "--out", str(tmp_path / "figs")])
+    assert [(r["alpha"], r["student_linear"]) for r in summary["fig3"]] == [(1e-10, 0.50), (0.5, 0.45), (1.0, 0.40)]
+    assert sorted((r["out_dim"], r["student_linear"]) for r in summary["fig10"]) == [(256, 0.42), (65536, 0.50)]
+    assert [(r["round"], r["student_linear"]) for r in summary["fig18"]] == [(1, 0.50), (2, 0.49)]
+    assert sorted((r["dataset"], r["n_samples"], r["student_linear"]) for r in summary["fig4"]) == \
+        [("fake", 100, 0.33), ("fake", 512, 0.50), ("gaussian", 100, 0.20), ("gaussian", 512, 0.21)]
+    assert "fig11" not in summary and "fig12" not in summary   # nobody swept --norm or --bottleneck
+    for name in ("fig3", "fig17", "fig4", "fig10", "fig18"):
+        assert (tmp_path / "figs" / f"{name}.png").stat().st_size > 10_000
+    assert json.load(open(tmp_path / "figs" / "sweeps.json")) == json.loads(json.dumps(summary))
+    r = cli("--plot", str(base))
+    assert r.returncode == 2 and "form no sweep" in r.stderr

@@ -1,0 +1,208 @@
+"""Distillation throughput, measured side by side in one run: the plain style against ours.
+
+(a) plain: what peers write, a torchvision-style dataset (PIL image -> ToTensor -> Normalize per
+    item) behind a DataLoader, batches copied to the device, the teacher's full forward every step.
+(b) ours: `common.train_epoch` with `common.distill_loss_fn`: data resident on the device as uint8,
+    batches are index slices, the frozen teacher's bottleneck codes cached once per run so a step
+    runs only the teacher's last layer, the loss's 65536-wide elementwise passes fused by
+    torch.compile, and a fused AdamW step (plain: torch's default AdamW). Variants take one of
+    these away (the teacher recomputed every step, the loss eager) or add channels_last or a
+    compiled student.
+
+Same model, loss and autocast (bf16 on CUDA) in every variant. All variants are built up front
+and timed in turn, `--steps` steps each, `--reps` rounds; the median is reported. Also printed:
+achieved FLOP/s (counted with FlopCounterMode) over the device's measured dense matmul peak,
+peak memory of a step (CUDA), and the one-off cost of the teacher cache. The last line reads
+`speedup: X.XX` (ours over plain, VGG11).
+
+    python bench.py                               # CPU: few steps, a couple of minutes
+    python bench.py --device cuda --steps 50      # GPU
+"""
+import statistics
+import time
+
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import (arg_parser, autocast, distill_loss_fn, distillation_loss, make_model, run_main,
+                    setup_device, teacher_codes, train_epoch)
+
+p = arg_parser(__doc__)
+p.add_argument("--archs", nargs="+", default=["vgg11", "resnet18"])
+p.add_argument("--variants", nargs="+",
+               default=["plain", "ours_nocache", "ours_eager", "ours", "ours_cl", "ours_compile"],
+               help="plain | ours (distill.py's defaults: teacher cache, fused AdamW, compiled loss) | "
+                    "ours_nocache (teacher recomputed every step) | ours_eager (loss not compiled) | "
+                    "ours_cl (+ channels_last) | ours_compile (+ the student compiled, --compile all)")
+p.add_argument("--batch-size", type=int, default=256)
+p.add_argument("--out-dim", type=int, default=65536)
+p.add_argument("--steps", type=int, default=None, help="timed steps per repetition (default: 3 on CPU, 50 on CUDA)")
+p.add_argument("--reps", type=int, default=3)
+p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the plain style (default: 0 on CPU, 8 on CUDA)")
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+class PeerCIFAR(Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: HWC uint8 -> PIL -> transform."""
+
+    def __init__(self, x, transform):
+        self.x, self.transform = x.permute(0, 2, 3, 1).numpy(), transform
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.x[i])), 0
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device):
+    """Dense matmul FLOP/s in the precision training runs in (bf16 on CUDA, fp32 on CPU)."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(10 if device.type == "cuda" else 2):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / (10 if device.type == "cuda" else 2))
+    return 2 * n ** 3 / best
+
+
+def build(arch, variant, data, args, device):
+    """Teacher, student, optimizer and a `step_fn(n_steps)` that runs n training steps."""
+    g = torch.Generator()
+    teacher = make_model(arch, args.out_dim, generator=g.manual_seed(0)).to(device).eval().requires_grad_(False)
+    student = make_model(arch, args.out_dim, generator=g.manual_seed(1)).to(device)
+    student.load_state_dict(teacher.state_dict())
+    if variant == "ours_cl":
+        teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
+    model = torch.compile(student) if variant == "ours_compile" else student
+    # ours: fused AdamW (one kernel over all parameters, CPU and CUDA); plain: torch's default
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=variant != "plain")
+    bs = args.batch_size
+
+    if variant == "plain":
+        tf = T.Compose([T.ToTensor(), T.Normalize(data["mean"].flatten().tolist(), data["std"].flatten().tolist())])
+        loader = DataLoader(PeerCIFAR(data["x_cpu"], tf), batch_size=bs, shuffle=True, drop_last=True,
+                            num_workers=args.workers, pin_memory=device.type == "cuda",
+                            persistent_workers=args.workers > 0,
+                            generator=torch.Generator().manual_seed(0))
+        batches = iter(())
+
+        def step_fn(n):
+            nonlocal batches
+            for _ in range(n):
+                xb = next(batches, None)
+                if xb is None:
+                    batches = iter(loader)
+                    xb = next(batches)
+                xb = xb[0].to(device, non_blocking=True)
+                with autocast(device):
+                    with torch.no_grad():
+                        t = teacher(xb)
+                    loss = distillation_loss(student(xb), t)[0]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return step_fn, student, teacher
+
+    x = data["x"]
+    if variant == "ours_cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    loss_fn = distill_loss_fn(model, teacher, x, data, cache=variant != "ours_nocache",
+                              compile=variant != "ours_eager")
+    epoch = [0]
+
+    def step_fn(n):   # n steps = one train_epoch over n batches of the resident data
+        epoch[0] += 1
+        train_epoch(model, opt, loss_fn, n * bs, bs, 0, epoch[0], device)
+    return step_fn, student, teacher
+
+
+def flops_per_step(arch, variant, data, args, device):
+    """FLOPs of one training step as FlopCounterMode counts them (forward + backward)."""
+    counted = variant if variant in ("plain", "ours_nocache") else "ours_eager"   # compiling changes no FLOPs
+    step_fn, *_ = build(arch, counted, data, args, device)
+    with FlopCounterMode(display=False) as counter:
+        step_fn(1)
+    return counter.get_total_flops()
+
+
+def main():
+    args = p.parse_args()
+    device = setup_device(args.device)
+    args.steps = args.steps or (50 if device.type == "cuda" else 3)
+    args.workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 0)
+    n = max(args.steps, 4) * args.batch_size   # images the resident variants cycle through
+    g = torch.Generator().manual_seed(0)
+    x_cpu = torch.randint(0, 256, (max(n, 4096), 3, 32, 32), dtype=torch.uint8, generator=g)
+    mean = torch.tensor([0.49, 0.48, 0.45], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.25, 0.24, 0.26], device=device).view(1, 3, 1, 1)
+    data = dict(x=x_cpu[:n].to(device), x_cpu=x_cpu, mean=mean, std=std)
+    peak = matmul_peak(device)
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"out_dim {args.out_dim}, {args.steps} steps x {args.reps} reps, plain DataLoader workers "
+          f"{args.workers}; dense matmul peak {peak / 1e12:.2f} TFLOP/s")
+    speedups = {}
+    for arch in args.archs:
+        # the one-off cost of the cache, per 50k images (a CIFAR-10 epoch's worth)
+        teacher = make_model(arch, args.out_dim, generator=g.manual_seed(0)).to(device).eval()
+        with torch.no_grad():
+            teacher_codes(teacher, data["x"][:args.batch_size], data)
+            sync(device)
+            t0 = time.perf_counter()
+            teacher_codes(teacher, data["x"], data)
+            sync(device)
+        cache_s = (time.perf_counter() - t0) * 50_000 / n
+        del teacher
+        # all variants built up front and timed in turn, rep after rep: drift hits them alike
+        built = {v: build(arch, v, data, args, device) for v in args.variants}
+        times = {v: [] for v in args.variants}
+        for v, (step_fn, *_) in built.items():
+            step_fn(3)   # warm-up (and compilation)
+        for _ in range(args.reps):
+            for v, (step_fn, *_) in built.items():
+                sync(device)
+                t0 = time.perf_counter()
+                step_fn(args.steps)
+                sync(device)
+                times[v].append(time.perf_counter() - t0)
+        rows = {}
+        for v in args.variants:
+            img_s = args.steps * args.batch_size / statistics.median(times[v])
+            rows[v] = img_s
+            flops = flops_per_step(arch, v, data, args, device)
+            print(f"{arch:9s} {v:13s} {img_s:9.1f} img/s  {50_000 / img_s:8.2f} s/epoch(50k)  "
+                  f"{flops * img_s / args.batch_size / peak:6.1%} of peak  "
+                  f"{flops / args.batch_size / 1e9:6.2f} GFLOP/img")
+        del built
+        if device.type == "cuda":   # peak memory of one step of each, alone
+            for v in ("plain", "ours"):
+                step_fn, *_ = build(arch, v, data, args, device)
+                step_fn(1)
+                torch.cuda.reset_peak_memory_stats(device)
+                step_fn(1)
+                print(f"{arch:9s} {v:13s} peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+                del step_fn
+        best = max((v for v in rows if v != "plain"), key=rows.get)
+        print(f"{arch:9s} teacher cache: {cache_s:.2f} s per 50k images, once per run; "
+              f"best: {best}; ratios over plain: "
+              + ", ".join(f"{v} {rows[v] / rows['plain']:.2f}" for v in rows if v != "plain"))
+        speedups[arch] = rows["ours"] / rows["plain"]
+    print(f"speedup: {speedups.get('vgg11', next(iter(speedups.values()))):.2f}")
+
+
+if __name__ == "__main__":
+    run_main(main)
