@@ -1,0 +1,324 @@
+"""Loss and probing landscapes in the plane through three checkpoints (Sarnthein et al., ICML
+2023, §5 Fig. 5; App. C.3 Fig. 13-16).
+
+Three parameter vectors span a plane; on a grid in it we evaluate the teacher-student KL on a
+fixed training subset (the loss landscape), the linear-probe accuracy of the encoder (the probing
+landscape) and, with --encoder, the KL between teacher and student *embeddings* (Fig. 15).
+Parameters only are combined; buffers (BN statistics) are those of the first point (or, with
+--buffers interpolate, combined likewise).
+
+    # non-local view (Fig. 5 left): teacher, the alpha=1 student's init, the trained alpha=1 student
+    python landscape.py --points teacher:runs/A1 init:runs/A1 student:runs/A1 --out runs/land_nonlocal
+    # shared view (Fig. 5 right): teacher, the trained alpha~0 and alpha=1 students
+    python landscape.py --points teacher:runs/A0 student:runs/A0 student:runs/A1 --out runs/land_shared
+    # the same plane in distance-preserving coordinates (Fig. 13), a zoomed crop (Fig. 14)
+    python landscape.py --points ... --frame ortho --out runs/land_shared_ortho
+    python landscape.py --points ... --frame ortho --xlim -5 5 --ylim -5 5 --resolution 41 --out ...
+
+A point is KIND:PATH with KIND one of teacher (the run's random teacher theta_T), init (the
+student's initialization theta_S(alpha), rebuilt from the run's seeds and alpha) or student (the
+trained student theta*_S), and PATH a distill.py run directory (its last.pt) or a checkpoint. The
+KL is always against the teacher of the first point's run. Rerunning resumes the grid.
+"""
+import math
+import os
+import time
+
+import torch
+from torch.func import functional_call, vmap
+
+from common import (DATASETS, UserError, arg_parser, atomic_save, autocast, balanced_subset, distillation_loss,
+                    linear_probe, load_checkpoint, load_dataset, locality_init, make_model, model_from_checkpoint,
+                    normalize, probe_subset, run_main, setup_device, write_json)
+
+KINDS = ["teacher", "init", "student"]
+
+
+def parse_args(argv=None):
+    p = arg_parser(__doc__)
+    p.add_argument("--points", nargs=3, required=True, metavar="KIND:PATH",
+                   help=f"three points, KIND one of {', '.join(KINDS)}; the first is the origin of the interp frame")
+    p.add_argument("--frame", default="interp", choices=["interp", "ortho"],
+                   help="interp: theta = p0 + l1 (p1-p0) + l2 (p2-p0) (Fig. 5); ortho: orthonormal, "
+                        "distance-preserving axes, origin at the plane's minimum-norm point (Fig. 13)")
+    p.add_argument("--resolution", type=int, default=21, help="grid points per axis")
+    p.add_argument("--xlim", type=float, nargs=2, default=None, help="default: the three points plus a margin")
+    p.add_argument("--ylim", type=float, nargs=2, default=None)
+    p.add_argument("--encoder", action="store_true", help="also the KL between embeddings (Fig. 15)")
+    p.add_argument("--buffers", default="first", choices=["first", "interpolate"],
+                   help="BN statistics at a grid point: the first point's (the authors'), or combined with the "
+                        "same weights as the parameters (then every anchor is exactly its checkpoint)")
+    p.add_argument("--arch", default=None, help="checked against the checkpoints (default: theirs)")
+    p.add_argument("--dataset", default="cifar10", help=f"one of: {', '.join(DATASETS)}")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--eval-samples", type=int, default=2048, help="the fixed training subset of the KL")
+    p.add_argument("--probe-samples", type=int, nargs=2, default=[10000, 2000], metavar=("N_TRAIN", "N_TEST"),
+                   help="probe train/test subsets (class-balanced, fixed)")
+    p.add_argument("--epochs", type=int, default=10, help="linear-probe epochs (the authors': 10)")
+    p.add_argument("--lr", type=float, default=1e-3, help="linear-probe AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward (and linear-probe batch)")
+    p.add_argument("--points-per-batch", type=int, default=None,
+                   help="grid points evaluated together in one vmapped forward (default: 8 on CUDA, 1 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="probe seed and subsets")
+    p.add_argument("--out", default="runs/landscape", help="run directory")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    for spec in args.points:
+        if spec.split(":", 1)[0] not in KINDS or ":" not in spec:
+            p.error(f"bad point {spec!r}: use KIND:PATH with KIND one of {', '.join(KINDS)}")
+    if args.resolution < 2:
+        p.error("--resolution must be at least 2")
+    if args.dataset not in DATASETS:
+        p.error(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+    return args
+
+
+def load_point(spec):
+    """(label, checkpoint, model) for KIND:PATH."""
+    kind, path = spec.split(":", 1)
+    if os.path.isdir(path):
+        path = os.path.join(path, "last.pt")
+    ckpt = load_checkpoint(path)
+    if kind == "init":   # theta_S(alpha) of §4, rebuilt exactly as distill.py built it
+        a = ckpt["args"]
+        teacher = model_from_checkpoint(ckpt, "teacher", path)
+        model = make_model(**ckpt["config"], generator=torch.Generator().manual_seed(a["student_seed"]))
+        locality_init(teacher, model, a["alpha"])
+    else:
+        model = model_from_checkpoint(ckpt, kind, path)
+    label = {"teacher": "θ_T", "init": "θ_S(α={alpha:g})", "student": "θ*_S(α={alpha:g})"}[kind]
+    return label.format(alpha=ckpt["args"]["alpha"]), ckpt, model
+
+
+# ----------------------------------------------------------------------------------------------
+# The plane. A grid point is stored by its weights (w0, w1, w2) on the three points, theta =
+# sum_i w_i p_i: at an anchor the weights are exactly one-hot, so theta is that checkpoint, bit for bit.
+
+def plane_geometry(points):
+    """Gram matrix of p0, p1, p2 (float64), from which every distance and norm in the plane follows."""
+    flat = [torch.cat([p.detach().double().cpu().flatten() for p in pts.values()]) for pts in points]
+    return torch.stack([torch.stack([a @ b for b in flat]) for a in flat])
+
+
+def ortho_frame(gram):
+    """Coordinates of the three points in an orthonormal basis (e1 along p1-p0, e2 Gram-Schmidt)
+    of the plane, origin at its minimum-norm point: returns the 3x2 anchor coordinates."""
+    # with v1 = p1 - p0, v2 = p2 - p0: <va, vb> and <p0, va> from the Gram matrix
+    g = gram
+    vv = torch.tensor([[g[a, b] - g[a, 0] - g[0, b] + g[0, 0] for b in (1, 2)] for a in (1, 2)], dtype=torch.float64)
+    pv = torch.tensor([g[0, a] - g[0, 0] for a in (1, 2)], dtype=torch.float64)
+    # e1 = v1 / |v1|, e2 = (v2 - <v2,e1> e1) / |...|, written as E = C V with C lower-triangular
+    c11 = 1 / vv[0, 0].sqrt()
+    r = vv[1, 0] * c11                      # <v2, e1>
+    n2 = (vv[1, 1] - r * r).clamp_min(0).sqrt()
+    if n2 < 1e-12 * vv[1, 1].sqrt():
+        raise UserError("the three points are (nearly) collinear: they span no plane")
+    C = torch.tensor([[c11, 0.0], [-r * c11 / n2, 1 / n2]], dtype=torch.float64)
+    # coordinates of p_i: <p_i, e_k> = <p0, e_k> + <p_i - p0, e_k>
+    p0e = C @ pv
+    ve = torch.stack([C @ vv[:, 0], C @ vv[:, 1]])   # row a: <v_a, e_k>
+    return torch.stack([p0e, p0e + ve[0], p0e + ve[1]])
+
+
+def grid_weights(frame, anchors, xs, ys):
+    """Barycentric weights [len(ys) * len(xs), 3] of the grid points (x fastest)."""
+    X, Y = torch.meshgrid(torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64), indexing="xy")
+    X, Y = X.flatten(), Y.flatten()
+    if frame == "interp":
+        w = torch.stack([1 - X - Y, X, Y], 1)
+    else:   # solve (x, y) = sum_i w_i c_i with sum_i w_i = 1
+        A = torch.cat([anchors.T, torch.ones(1, 3, dtype=torch.float64)])
+        w = torch.linalg.solve(A, torch.stack([X, Y, torch.ones_like(X)])).T
+    # snap float64 dust so that grid points on an anchor are exactly that checkpoint
+    for v in (0.0, 1.0):
+        w = torch.where((w - v).abs() < 1e-9, torch.full_like(w, v), w)
+    return w
+
+
+def default_lims(frame, anchors):
+    if frame == "interp":   # at 21 points (step 0.1) the anchors are grid points
+        return [-0.5, 1.5], [-0.5, 1.5]
+    lo, hi = anchors.min(0).values, anchors.max(0).values
+    margin = 0.2 * (hi - lo).max()
+    return [(lo[0] - margin).item(), (hi[0] + margin).item()], [(lo[1] - margin).item(), (hi[1] + margin).item()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: P grid points per forward, their parameters stacked and the model vmapped over them.
+
+def evaluate_batch(model, stacked, weights, ev, args):
+    """KL, probe accuracy (and embedding KL) at the grid points `weights` [P, 3]."""
+    w = weights.float().to(ev["device"])
+    params = {k: torch.einsum("pi,i...->p...", w, v) for k, v in stacked.items()}   # one-hot w: exact
+    enc = {k[len("encoder."):]: v for k, v in params.items() if k.startswith("encoder.")}
+    head = {k[len("head."):]: v for k, v in params.items() if k.startswith("head.")}
+    # BN statistics: the first point's for every grid point, or (--buffers interpolate) combined like the parameters
+    fixed = {k[len("encoder."):]: v for k, v in model.named_buffers() if k.startswith("encoder.")}
+    mixed = {k: torch.einsum("pi,i...->p...", w, v) for k, v in ev["buffers"].items()}
+    fixed = {k: v for k, v in fixed.items() if k not in mixed}
+    embed = vmap(lambda p, b, x: functional_call(model.encoder, (p, b, fixed), (x,)), in_dims=(0, 0, None))
+    project = vmap(lambda p, e: functional_call(model.head, (p,), (e,)))
+
+    kl, embed_kl = torch.zeros(len(w)), torch.zeros(len(w))
+    for xb, t_logits, t_embed in zip(ev["x_eval"].split(args.batch_size), ev["t_logits"], ev["t_embed"]):
+        with torch.no_grad(), autocast(ev["device"]):
+            e = embed(enc, mixed, normalize(xb, ev["data"]))
+            s = project(head, e)
+        for i in range(len(w)):   # batch means, weighted back into the subset's mean
+            kl[i] += distillation_loss(s[i], t_logits)[1].item() * len(xb)
+            if args.encoder:
+                embed_kl[i] += distillation_loss(e[i], t_embed)[1].item() * len(xb)
+
+    def features(x):   # [P, N, D]: every point's encoder on the probe images
+        with torch.no_grad(), autocast(ev["device"]):
+            return torch.cat([embed(enc, mixed, normalize(xb, ev["data"])).float() for xb in x.split(args.batch_size)], 1)
+    probe = linear_probe(features(ev["x_ptr"]), ev["y_ptr"], features(ev["x_pte"]), ev["y_pte"], ev["classes"],
+                         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    n = len(ev["x_eval"])
+    return [dict(kl=kl[i].item() / n, probe=probe[i], **({"embed_kl": embed_kl[i].item() / n} if args.encoder else {}))
+            for i in range(len(w))]
+
+
+def fixed_data(args, ckpt, device):
+    """The preloaded evaluation data: a class-balanced training subset for the KL with the teacher's
+    logits and embeddings on it (per batch, computed once), and the fixed probe subsets."""
+    data = load_dataset(args.dataset, args.data_root, device, img_size=ckpt["config"]["img_size"])
+    c = data["num_classes"]
+    x_eval = data["x_train"][balanced_subset(data["y_train"], max(args.eval_samples - args.eval_samples % c, c),
+                                             torch.Generator().manual_seed(args.seed))]
+    x_ptr, y_ptr = probe_subset(data["x_train"], data["y_train"], args.probe_samples[0], args.seed)
+    x_pte, y_pte = probe_subset(data["x_test"], data["y_test"], args.probe_samples[1], args.seed)
+    teacher = model_from_checkpoint(ckpt, "teacher").to(device).eval()
+    with torch.no_grad(), autocast(device):
+        t_embed = [teacher.encoder(normalize(x, data)) for x in x_eval.split(args.batch_size)]
+        t_logits = [teacher.head(e) for e in t_embed]
+    return dict(device=device, data=data, x_eval=x_eval, x_ptr=x_ptr, y_ptr=y_ptr, x_pte=x_pte, y_pte=y_pte,
+                classes=c, t_logits=t_logits, t_embed=t_embed)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup_device(args.device)
+    P = args.points_per_batch or (8 if device.type == "cuda" else 1)
+
+    # ------------------------------------------------------------------ the three points
+    loaded = [load_point(s) for s in args.points]
+    labels, ckpts, models = zip(*loaded)
+    config = ckpts[0]["config"]
+    for spec, c in zip(args.points, ckpts):
+        if c["config"] != config:
+            raise UserError(f"point {spec} is a {c['config']}, the first point a {config}: "
+                            f"a plane needs three points of one architecture")
+    if args.arch and args.arch != config["arch"]:
+        raise UserError(f"--arch {args.arch}, but the checkpoints hold a {config['arch']}")
+    model = models[0].to(device).eval()                  # its buffers serve every grid point
+    points = [dict(m.named_parameters()) for m in models]
+    stacked = {k: torch.stack([pts[k].detach() for pts in points]).to(device) for k in points[0]}
+    buffers = [dict(m.named_buffers()) for m in models] if args.buffers == "interpolate" else [{}]
+    stacked_buffers = {k[len("encoder."):]: torch.stack([b[k] for b in buffers]).to(device)
+                       for k in buffers[0] if k.startswith("encoder.") and buffers[0][k].is_floating_point()}
+    gram = plane_geometry(points)
+    anchors = ortho_frame(gram) if args.frame == "ortho" else torch.eye(3, dtype=torch.float64)[:, 1:]
+    xlim, ylim = default_lims(args.frame, anchors)
+    xlim, ylim = args.xlim or xlim, args.ylim or ylim
+    xs = torch.linspace(*xlim, args.resolution, dtype=torch.float64).tolist()
+    ys = torch.linspace(*ylim, args.resolution, dtype=torch.float64).tolist()
+    W = grid_weights(args.frame, anchors, xs, ys)
+
+    # ------------------------------------------------------------------ fixed data, teacher outputs once
+    ev = fixed_data(args, ckpts[0], device)
+    ev["buffers"] = stacked_buffers
+
+    # ------------------------------------------------------------------ the grid, resumable
+    os.makedirs(args.out, exist_ok=True)
+    grid_path = os.path.join(args.out, "grid.pt")
+    keys = ["kl", "probe", *(["embed_kl"] if args.encoder else [])]
+    key_args = {k: v for k, v in vars(args).items() if k not in ("out", "device", "points_per_batch")}
+    grid = dict(args=key_args, xs=xs, ys=ys, weights=W, done=torch.zeros(len(W), dtype=torch.bool),
+                **{k: torch.full((len(W),), float("nan"), dtype=torch.float64) for k in keys})
+    if os.path.exists(grid_path):
+        old = torch.load(grid_path, weights_only=True)
+        if old.get("args") != key_args:
+            raise UserError(f"{grid_path} holds a grid with other arguments; rerun with those or pick another --out")
+        grid = old
+        print(f"resuming {grid_path}: {int(grid['done'].sum())}/{len(W)} points done")
+    write_json(os.path.join(args.out, "args.json"), vars(args))
+
+    t_grid, n_new = time.time(), 0
+    for start in range(0, len(W), P):   # fixed chunks: a resumed run batches points as the first did
+        chunk = slice(start, start + P)
+        if grid["done"][chunk].all():
+            continue
+        for j, row in enumerate(evaluate_batch(model, stacked, W[chunk], ev, args)):
+            for k in keys:
+                grid[k][start + j] = row[k]
+        grid["done"][chunk] = True
+        n_new += len(W[chunk])
+        atomic_save(grid, grid_path)
+        print(f"\r{int(grid['done'].sum())}/{len(W)} points", end="", flush=True)
+    print()
+
+    # ------------------------------------------------------------------ speed: a point vs one forward
+    if n_new:
+        per_point = (time.time() - t_grid) / n_new
+        t0 = time.time()
+        with torch.no_grad(), autocast(device):
+            for x in ev["x_eval"].split(args.batch_size):
+                model(normalize(x, ev["data"])).float().sum().item()
+            for x in torch.cat([ev["x_ptr"], ev["x_pte"]]).split(args.batch_size):
+                model.encoder(normalize(x, ev["data"])).float().sum().item()
+        forward = time.time() - t0
+        grid["timing"] = dict(per_point_s=per_point, forward_s=forward, ratio=per_point / forward)
+        atomic_save(grid, grid_path)
+        print(f"{n_new} points, {per_point:.3f} s per point = {per_point / forward:.2f}x one forward pass of the "
+              f"evaluation subset ({forward:.3f} s: {len(ev['x_eval'])} images through the model, "
+              f"{len(ev['x_ptr']) + len(ev['x_pte'])} through the encoder) on {device}")
+
+    # ------------------------------------------------------------------ results and figure
+    coords = [[round(v, 6) for v in c] for c in anchors.tolist()]
+    summary = dict(points=list(args.points), labels=list(labels), frame=args.frame, anchor_coords=coords,
+                   distances={f"{i}-{j}": math.sqrt(max(gram[i, i] + gram[j, j] - 2 * gram[i, j], 0))
+                              for i, j in [(0, 1), (0, 2), (1, 2)]},
+                   timing=grid.get("timing"))
+    write_json(os.path.join(args.out, "landscape.json"), summary)
+    plot_landscape(grid, anchors, labels, gram, args, os.path.join(args.out, "landscape.png"))
+    print(f"-> {args.out}/landscape.png")
+    return grid
+
+
+def plot_landscape(grid, anchors, labels, gram, args, path):
+    """Loss (log color), probing (and embedding-KL) landscapes with ||theta||_2 contours (Fig. 5/13/15)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    xs, ys, n = grid["xs"], grid["ys"], len(grid["xs"])
+    W = grid["weights"]
+    norm = torch.einsum("pi,ij,pj->p", W, gram, W).clamp_min(0).sqrt().view(n, n).numpy()
+    panels = [("kl", "loss landscape (KL)"), ("probe", "probing landscape (linear probe)")]
+    panels += [("embed_kl", "embedding KL")] if "embed_kl" in grid else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4))
+    for ax, (key, title) in zip(axes, panels):
+        z = grid[key].view(n, n).numpy()
+        if key == "probe":
+            im = ax.pcolormesh(xs, ys, z, shading="nearest", cmap="viridis")
+        else:
+            z = z.clip(min=1e-12)   # a KL of exactly 0 (an anchor on the teacher) on a log scale
+            im = ax.pcolormesh(xs, ys, z, shading="nearest", cmap="magma_r", norm=LogNorm())
+        fig.colorbar(im, ax=ax)
+        cs = ax.contour(xs, ys, norm, levels=8, colors="white", linewidths=0.6, alpha=0.7)
+        ax.clabel(cs, fontsize=6, fmt="%.0f")
+        for (cx, cy), label in zip(anchors.tolist(), labels):
+            ax.plot(cx, cy, "o", color="cyan", markeredgecolor="black")
+            ax.annotate(label, (cx, cy), textcoords="offset points", xytext=(5, 5), color="cyan", fontsize=8)
+        ax.set(title=title, xlim=(xs[0], xs[-1]), ylim=(ys[0], ys[-1]))
+        if args.frame == "ortho":
+            ax.set_aspect("equal")
+    fig.suptitle(f"{args.frame} frame: {' / '.join(args.points)}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    run_main(main)

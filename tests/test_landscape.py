@@ -1,0 +1,88 @@
+"""landscape.py on two tiny distill.py runs: anchors, the orthonormal frame, resuming."""
+import json
+import math
+
+import pytest
+import torch
+
+import distill
+import landscape
+from common import distillation_loss, extract_features, linear_probe, normalize
+
+FLAGS = ["--dataset", "fake", "--eval-samples", "60", "--probe-samples", "100", "50", "--batch-size", "64",
+         "--epochs", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runs")
+    for alpha in ("1", "1e-10"):
+        distill.main(["--dataset", "fake", "--arch", "resnet20", "--out-dim", "128", "--epochs", "1",
+                      "--batch-size", "128", "--alpha", alpha, "--probe-samples", "64", "32", "--compile", "none",
+                      "--device", "cpu", "--out", str(d / f"a{alpha}")])
+    return d
+
+
+def points(runs):   # the shared view of Fig. 5: teacher, alpha~0 student, alpha=1 student
+    return ["teacher:" + str(runs / "a1"), "student:" + str(runs / "a1e-10"), "student:" + str(runs / "a1")]
+
+
+def test_anchor_grid_points_reproduce_each_checkpoints_own_values(runs, tmp_path):
+    # resolution 2 on [0, 1]^2 puts the three anchors on grid points (0,0), (1,0), (0,1); ResNet20 has
+    # BN, so each anchor is its checkpoint only with the BN statistics combined like the parameters
+    grid = landscape.main(["--points", *points(runs), "--resolution", "2", "--xlim", "0", "1", "--ylim", "0", "1",
+                           "--points-per-batch", "4", "--encoder", "--buffers", "interpolate", "--out", str(tmp_path),
+                           *FLAGS])
+    args = landscape.parse_args(["--points", *points(runs), *FLAGS])
+    ckpt = landscape.load_point(points(runs)[0])[1]
+    ev = landscape.fixed_data(args, ckpt, torch.device("cpu"))
+    teacher = landscape.load_point(points(runs)[0])[2].eval()
+    for spec, i in zip(points(runs), [0, 1, 2]):   # grid index of (0,0), (1,0), (0,1), x fastest
+        model = landscape.load_point(spec)[2].eval()
+        x = normalize(ev["x_eval"], ev["data"])   # 60 images: one batch, as on the grid
+        with torch.no_grad():
+            kl = distillation_loss(model(x), teacher(x))[1].item()
+        f = [extract_features(model.encoder, xs, ev["data"]) for xs in (ev["x_ptr"], ev["x_pte"])]
+        probe = linear_probe(f[0], ev["y_ptr"], f[1], ev["y_pte"], 10, epochs=2, batch_size=64)
+        # the same weights; only the vmapped forward's kernels differ from a plain one (float32 rounding)
+        assert grid["kl"][i].item() == pytest.approx(kl, rel=1e-6, abs=1e-12)
+        assert grid["probe"][i].item() == probe
+    assert grid["kl"][0] < 1e-12 and grid["embed_kl"][0] < 1e-12   # the teacher against itself
+    assert grid["done"].all() and torch.isfinite(grid["kl"]).all()
+
+
+def test_ortho_frame_preserves_distances_and_centers_on_the_minimum_norm_point(runs, tmp_path):
+    landscape.main(["--points", *points(runs), "--frame", "ortho", "--resolution", "2", "--out", str(tmp_path),
+                    *FLAGS])
+    summary = json.load(open(tmp_path / "landscape.json"))
+    c = torch.tensor(summary["anchor_coords"], dtype=torch.float64)
+    models = [landscape.load_point(s)[2] for s in points(runs)]
+    flat = [torch.cat([p.detach().double().flatten() for p in m.parameters()]) for m in models]
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        assert (c[i] - c[j]).norm().item() == pytest.approx((flat[i] - flat[j]).norm().item(), rel=1e-5)
+    # ||p_i||^2 = ||origin||^2 + x_i^2 + y_i^2 with one origin for all three: the origin is orthogonal
+    # to the plane, i.e. its minimum-norm point, and ||theta|| contours are circles
+    origin_sq = [(f @ f).item() - (ci @ ci).item() for f, ci in zip(flat, c)]
+    assert origin_sq[1] == pytest.approx(origin_sq[0], rel=1e-6) and origin_sq[2] == pytest.approx(origin_sq[0], rel=1e-6)
+    assert (tmp_path / "landscape.png").stat().st_size > 10_000
+
+
+def test_killed_grid_resumes_to_the_uninterrupted_result(runs, tmp_path, monkeypatch):
+    flags = ["--points", *points(runs), "--resolution", "2", "--points-per-batch", "1", *FLAGS]
+    whole = landscape.main([*flags, "--out", str(tmp_path / "a")])
+    real, calls = landscape.evaluate_batch, []
+
+    def dies_on_third_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(landscape, "evaluate_batch", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        landscape.main([*flags, "--out", str(tmp_path / "b")])
+    assert torch.load(tmp_path / "b" / "grid.pt", weights_only=True)["done"].sum() == 2
+    monkeypatch.setattr(landscape, "evaluate_batch", real)
+    resumed = landscape.main([*flags, "--out", str(tmp_path / "b")])
+    for key in ("kl", "probe", "weights", "done"):
+        assert torch.equal(resumed[key], whole[key])
+    assert not math.isnan(resumed["kl"].sum().item())
