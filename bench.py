@@ -20,11 +20,14 @@ peak memory of a step (CUDA), and the one-off cost of the teacher cache. The las
 """
 import statistics
 import time
+import weakref
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import (arg_parser, autocast, distill_loss_fn, distillation_loss, make_model, run_main,
@@ -130,6 +133,56 @@ def build(arch, variant, data, args, device):
     return step_fn, student, teacher
 
 
+def distillation_loss_before(student_logits, teacher_logits):
+    """The loss as it was before the memory pass (commit b470e17), kept to measure against."""
+    s, t = student_logits.float(), teacher_logits.float()
+    p_t = t.softmax(-1)
+    ce = F.cross_entropy(s, p_t)
+    with torch.no_grad():
+        d = s - t
+        d = d - (p_t * d).sum(-1, keepdim=True)
+        kl = torch.log1p((p_t * torch.expm1(d)).sum(-1)) - (p_t * d).sum(-1)
+        entropy = -(p_t * t.log_softmax(-1)).sum(-1)
+    return ce, kl.mean(), entropy.mean()
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensors the ops under it allocate and keep alive (counted per new storage,
+    released when the tensor that brought it in is freed): the loss's own memory, on any device."""
+
+    def __init__(self, *inputs):   # views of the inputs are not new memory
+        super().__init__()
+        self.live, self.peak = 0, 0
+        self.seen = {x.untyped_storage().data_ptr() for x in inputs}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                ptr, n = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                self.seen.add(ptr)
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, ptr, n)
+        return out
+
+    def _free(self, ptr, n):
+        self.seen.discard(ptr)
+        self.live -= n
+
+
+def loss_peak_mib(loss, batch, out_dim, device):
+    """Peak memory of the loss's forward + backward on [batch, out_dim] logits, beyond its inputs."""
+    g = torch.Generator().manual_seed(0)
+    t = (0.05 * torch.randn(batch, out_dim, generator=g)).to(device)
+    s = (t + 1e-3 * torch.randn(batch, out_dim, generator=g).to(device)).requires_grad_()
+    with PeakTensorBytes(s, t) as mode:
+        ce, kl, entropy = loss(s, t)
+        ce.backward()
+        del ce, kl, entropy
+    return mode.peak / 2**20
+
+
 def flops_per_step(arch, variant, data, args, device):
     """FLOPs of one training step as FlopCounterMode counts them (forward + backward)."""
     counted = variant if variant in ("plain", "ours_nocache") else "ours_eager"   # compiling changes no FLOPs
@@ -201,6 +254,11 @@ def main():
               f"best: {best}; ratios over plain: "
               + ", ".join(f"{v} {rows[v] / rows['plain']:.2f}" for v in rows if v != "plain"))
         speedups[arch] = rows["ours"] / rows["plain"]
+    before = loss_peak_mib(distillation_loss_before, args.batch_size, args.out_dim, device)
+    after = loss_peak_mib(distillation_loss, args.batch_size, args.out_dim, device)
+    one = args.batch_size * args.out_dim * 4 / 2**20
+    print(f"loss peak memory, forward + backward on [{args.batch_size} x {args.out_dim}] fp32 logits: before "
+          f"{before:.0f} MiB ({before / one:.1f} logit-sized tensors), after {after:.0f} MiB ({after / one:.1f})")
     print(f"speedup: {speedups.get('vgg11', next(iter(speedups.values()))):.2f}")
 
 

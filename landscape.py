@@ -303,7 +303,8 @@ def plot_landscape(grid, anchors, labels, gram, args, path):
         if key == "probe":
             im = ax.pcolormesh(xs, ys, z, shading="nearest", cmap="viridis")
         else:
-            z = z.clip(min=1e-12)   # a KL of exactly 0 (an anchor on the teacher) on a log scale
+            positive = z[z > 0]   # a KL of exactly 0 (the teacher itself) gets the lowest color
+            z = z.clip(min=positive.min() if positive.size else 1e-12)
             im = ax.pcolormesh(xs, ys, z, shading="nearest", cmap="magma_r", norm=LogNorm())
         fig.colorbar(im, ax=ax)
         cs = ax.contour(xs, ys, norm, levels=8, colors="white", linewidths=0.6, alpha=0.7)
