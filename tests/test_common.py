@@ -222,11 +222,17 @@ def test_teacher_cache_is_off_where_it_would_be_stale():
 def test_compiled_loss_matches_eager():
     g = torch.Generator().manual_seed(0)
     t = 0.02 * torch.randn(4, 4096, generator=g)
-    s = (t + 1e-3 * torch.randn(4, 4096, generator=g)).requires_grad_()
-    eager = distillation_loss(s, t)
-    compiled = common.compiled(distillation_loss)(s, t)
-    for a, b in zip(eager, compiled):
+    s = t + 1e-3 * torch.randn(4, 4096, generator=g)
+    results = []
+    for loss in (distillation_loss, common.compiled(distillation_loss)):
+        s_ = s.clone().requires_grad_()
+        out = loss(s_, t)
+        out[0].backward()
+        results.append((*out, s_.grad))
+    for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+    # the gradient is that of the soft-target cross-entropy: (softmax(s) - p_t) / B
+    torch.testing.assert_close(results[0][3], (s.softmax(1) - t.softmax(1)) / 4)
 
 
 # ------------------------------------------------------------------ probes (§3, App. C.1)
