@@ -76,8 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
                    help="only draw the sweep summaries (Fig. 3, 4, 10, 11, 12, 17, 18) of these finished runs")
     p.add_argument("--compile", default="loss", choices=["none", "loss", "all"],
-                   help="torch.compile the loss (fuses its 65536-wide passes; 1.1x on CPU, see bench.py) "
-                        "or also the student")
+                   help="torch.compile the loss (fuses its 65536-wide passes: 1.04-1.15x on CPU, bench.py) "
+                        "or also the student (ResNet18 on CPU: 1.3x more; VGG11: slower)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory format for networks and images (ResNet18 on CPU: 1.2x, VGG11: slower; bench.py)")
     p.add_argument("--recompute-teacher", action="store_true",
                    help="run the teacher's forward every step instead of caching its codes once (same loss)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -104,7 +106,8 @@ def parse_args(argv=None):
 
 
 # A rerun may change these and still resume; any other difference means another experiment.
-RESUMABLE = {"epochs", "device", "probe_every", "out", "data_root", "compile", "recompute_teacher"}
+RESUMABLE = {"epochs", "device", "probe_every", "out", "data_root", "compile", "channels_last",
+             "recompute_teacher"}
 
 
 def main(argv=None):
@@ -165,6 +168,9 @@ def main(argv=None):
     if world_size > 1 and device.type == "cuda":      # BN sees the global batch, as in a 1-GPU run
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     student.to(device)
+    if args.channels_last:
+        teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
+        x_distill = x_distill.contiguous(memory_format=torch.channels_last)
     theta0 = flat_params(student)                     # theta_S(0), for the distance from init (App. D)
 
     decay = [p for p in student.parameters() if p.dim() >= 2]
@@ -330,7 +336,8 @@ SWEEPS = {   # variable: (figure, what it shows)
     "bottleneck": ("fig12", "probing accuracy over training per L2-bottleneck spec (Fig. 12)"),
     "teacher_ckpt": ("fig18", "KL, distance from init and probing accuracy, first vs second round (Fig. 18)"),
 }
-NOT_SWEPT = {"out", "device", "epochs", "probe_every", "data_root", "compile", "recompute_teacher", "plot"}
+NOT_SWEPT = {"out", "device", "epochs", "probe_every", "data_root", "compile", "channels_last",
+             "recompute_teacher", "plot"}
 
 
 def load_runs(dirs):

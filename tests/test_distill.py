@@ -76,14 +76,15 @@ def test_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
 
 
-def test_default_compiled_loss_and_recomputed_teacher_give_the_same_run(tmp_path):
+def test_compiled_loss_recomputed_teacher_and_channels_last_give_the_same_run(tmp_path):
     # alpha 0.5: at 1e-10 the escape from the teacher feeds on rounding residue, which any change
     # of kernel reorders; away from the teacher the trajectories agree to float tolerance
     flags = ["--arch", "vgg11", "--out-dim", "256", "--epochs", "1", "--probe-samples", "128", "64", "--alpha", "0.5"]
     plain = run(tmp_path / "a", *flags)
     fast = distill.main([*FAST[:-2], "--out", str(tmp_path / "b"), *flags])   # the defaults: compiled loss
     slow = run(tmp_path / "c", *flags, "--recompute-teacher")
-    for other in (fast, slow):
+    nhwc = run(tmp_path / "d", *flags, "--channels-last")
+    for other in (fast, slow, nhwc):
         for key in ("ce", "kl", "dist_from_init"):
             assert other[-1][key] == pytest.approx(plain[-1][key], rel=1e-3)
 
