@@ -218,6 +218,10 @@ def main(argv=None):
     stacked_buffers = {k[len("encoder."):]: torch.stack([b[k] for b in buffers]).to(device)
                        for k in buffers[0] if k.startswith("encoder.") and buffers[0][k].is_floating_point()}
     gram = plane_geometry(points)
+    for i, j in [(0, 1), (0, 2), (1, 2)]:   # e.g. teacher and init of an alpha=1e-10 run
+        if gram[i, i] + gram[j, j] - 2 * gram[i, j] <= 1e-12 * gram[i, i]:   # |pi - pj| < 1e-6 |pi|
+            raise UserError(f"points {args.points[i]} and {args.points[j]} are the same parameters: "
+                            f"a plane needs three distinct points")
     anchors = ortho_frame(gram) if args.frame == "ortho" else torch.eye(3, dtype=torch.float64)[:, 1:]
     xlim, ylim = default_lims(args.frame, anchors)
     xlim, ylim = args.xlim or xlim, args.ylim or ylim

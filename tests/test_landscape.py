@@ -7,7 +7,7 @@ import torch
 
 import distill
 import landscape
-from common import distillation_loss, extract_features, linear_probe, normalize
+from common import UserError, distillation_loss, extract_features, linear_probe, normalize
 
 FLAGS = ["--dataset", "fake", "--eval-samples", "60", "--probe-samples", "100", "50", "--batch-size", "64",
          "--epochs", "2", "--device", "cpu"]
@@ -86,3 +86,10 @@ def test_killed_grid_resumes_to_the_uninterrupted_result(runs, tmp_path, monkeyp
     for key in ("kl", "probe", "weights", "done"):
         assert torch.equal(resumed[key], whole[key])
     assert not math.isnan(resumed["kl"].sum().item())
+
+
+def test_coinciding_points_are_a_one_line_error(runs, tmp_path):
+    # at alpha=1e-10 the student's init is its teacher to float precision: no plane
+    a0 = str(runs / "a1e-10")
+    with pytest.raises(UserError, match="same parameters"):
+        landscape.main(["--points", "teacher:" + a0, "init:" + a0, "student:" + a0, "--out", str(tmp_path), *FLAGS])
