@@ -964,6 +964,24 @@ def model_from_checkpoint(ckpt, key, path="checkpoint"):
     return model
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on servers)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=120):
+    """Lay out, write (creating the directory) and close a figure; returns its path."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)

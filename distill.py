@@ -26,12 +26,12 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (ARCHS, BOTTLENECKS, DATASETS, NOISE, NORMS, UserError, arg_parser, atomic_save,
-                    balanced_subset, distill_loss_fn, distillation_loss, extract_features, flat_params,
-                    gather_rows, gaussian_inputs, knn_probe, linear_probe, load_checkpoint, load_dataset,
-                    locality_init, make_encoder, make_model, model_from_checkpoint, normalize,
-                    parse_bottleneck, probe_subset, run_main, setup_device, shard, train_epoch, world,
-                    write_json)
+from common import (ARCHS, BOTTLENECKS, DATASETS, NOISE, NORMS, arg_parser, atomic_save, balanced_subset,
+                    distill_loss_fn, distillation_loss, extract_features, flat_params, gather_rows,
+                    gaussian_inputs, knn_probe, linear_probe, load_checkpoint, load_dataset, locality_init,
+                    make_encoder, make_model, model_from_checkpoint, normalize, parse_bottleneck,
+                    probe_subset, pyplot, run_main, save_figure, setup_device, shard, train_epoch, UserError,
+                    world, write_json)
 
 
 def parse_args(argv=None):
@@ -305,9 +305,7 @@ def main(argv=None):
 
 def plot_curves(metrics, path, args):
     """Fig. 1: probing accuracy over training for teacher, student and the flattened input."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
     epochs = [m["epoch"] for m in metrics]
     titles = ["linear probe", f"k-NN probe (k={args.knn_k}, L2)"]
@@ -319,9 +317,7 @@ def plot_curves(metrics, path, args):
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"{args.arch}, alpha={args.alpha:g}, {args.dataset}, bottleneck {args.bottleneck}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,9 +368,7 @@ def sweep_groups(runs, var):
 
 def plot_sweeps(dirs, out):
     """Draw every sweep figure the runs make up; returns {figure: [rows]} (also <out>/sweeps.json)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     runs = load_runs(dirs)
     summary = {}
     for var, (fig_name, what) in SWEEPS.items():
@@ -450,15 +444,10 @@ def plot_sweeps(dirs, out):
                 axes[0, j].set(title=label, xlabel="epoch", ylabel="probing accuracy (linear)")
                 axes[0, j].legend(fontsize=7, title=var)
         fig.suptitle(what, fontsize=9)
-        fig.tight_layout()
-        os.makedirs(out, exist_ok=True)
-        fig.savefig(os.path.join(out, f"{fig_name}.png"), dpi=110)
-        plt.close(fig)
+        save_figure(fig, os.path.join(out, f"{fig_name}.png"), dpi=110)
         if var == "alpha":
             fig17.suptitle("KL divergence and distance from init vs locality alpha (Fig. 17)", fontsize=9)
-            fig17.tight_layout()
-            fig17.savefig(os.path.join(out, "fig17.png"), dpi=110)
-            plt.close(fig17)
+            save_figure(fig17, os.path.join(out, "fig17.png"), dpi=110)
             print(f"{out}/fig17.png: KL and distance from init vs alpha")
         summary[fig_name] = rows
         print(f"{out}/{fig_name}.png: {what}, {len(rows)} runs")

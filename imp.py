@@ -19,8 +19,8 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import (UserError, add_supervised_args, arg_parser, atomic_save, check_supervised_args, run_main,
-                    setup_device, sgd, supervised_epoch, supervised_start, write_json)
+from common import (add_supervised_args, arg_parser, atomic_save, check_supervised_args, pyplot, run_main,
+                    save_figure, setup_device, sgd, supervised_epoch, supervised_start, UserError, write_json)
 
 
 def parse_args(argv=None):
@@ -84,8 +84,7 @@ def density(masks):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.plot:
-        os.makedirs(args.out, exist_ok=True)
+    if args.plot:   # save_figure creates --out
         return plot_fig8(args.plot, os.path.join(args.out, "fig8.png"))
     device = setup_device(args.device)
     os.makedirs(args.out, exist_ok=True)
@@ -169,9 +168,7 @@ def main(argv=None):
 
 def plot_fig8(run_dirs, path):
     """Fig. 8: test accuracy vs weights remaining (log x), one curve per init / rewind point."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for d in run_dirs:
         rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))] \
@@ -186,10 +183,7 @@ def plot_fig8(run_dirs, path):
     ax.set(xlabel="weights remaining (%)", ylabel="test accuracy (%)", title="IMP with rewinding (Fig. 8)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ import time
 import torch
 from torch.func import functional_call, vmap
 
-from common import (DATASETS, UserError, arg_parser, atomic_save, autocast, balanced_subset, distillation_loss,
-                    linear_probe, load_checkpoint, load_dataset, locality_init, make_model, model_from_checkpoint,
-                    normalize, probe_subset, run_main, setup_device, write_json)
+from common import (DATASETS, arg_parser, atomic_save, autocast, balanced_subset, distillation_loss,
+                    linear_probe, load_checkpoint, load_dataset, locality_init, make_model,
+                    model_from_checkpoint, normalize, probe_subset, pyplot, run_main, save_figure,
+                    setup_device, UserError, write_json)
 
 KINDS = ["teacher", "init", "student"]
 
@@ -159,24 +160,23 @@ def evaluate_batch(model, stacked, weights, ev, args):
     embed = vmap(lambda p, b, x: functional_call(model.encoder, (p, b, fixed), (x,)), in_dims=(0, 0, None))
     project = vmap(lambda p, e: functional_call(model.head, (p,), (e,)))
 
-    kl, embed_kl = torch.zeros(len(w)), torch.zeros(len(w))
+    kl, embed_kl = torch.zeros(len(w), device=w.device), torch.zeros(len(w), device=w.device)   # synced once
     for xb, t_logits, t_embed in zip(ev["x_eval"].split(args.batch_size), ev["t_logits"], ev["t_embed"]):
         with torch.no_grad(), autocast(ev["device"]):
             e = embed(enc, mixed, normalize(xb, ev["data"]))
             s = project(head, e)
         for i in range(len(w)):   # batch means, weighted back into the subset's mean
-            kl[i] += distillation_loss(s[i], t_logits)[1].item() * len(xb)
+            kl[i] += distillation_loss(s[i], t_logits)[1] * len(xb)
             if args.encoder:
-                embed_kl[i] += distillation_loss(e[i], t_embed)[1].item() * len(xb)
+                embed_kl[i] += distillation_loss(e[i], t_embed)[1] * len(xb)
 
     def features(x):   # [P, N, D]: every point's encoder on the probe images
         with torch.no_grad(), autocast(ev["device"]):
             return torch.cat([embed(enc, mixed, normalize(xb, ev["data"])).float() for xb in x.split(args.batch_size)], 1)
     probe = linear_probe(features(ev["x_ptr"]), ev["y_ptr"], features(ev["x_pte"]), ev["y_pte"], ev["classes"],
                          epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    n = len(ev["x_eval"])
-    return [dict(kl=kl[i].item() / n, probe=probe[i], **({"embed_kl": embed_kl[i].item() / n} if args.encoder else {}))
-            for i in range(len(w))]
+    kl, embed_kl = (kl.double() / len(ev["x_eval"])).tolist(), (embed_kl.double() / len(ev["x_eval"])).tolist()
+    return [dict(kl=kl[i], probe=probe[i], **({"embed_kl": embed_kl[i]} if args.encoder else {})) for i in range(len(w))]
 
 
 def fixed_data(args, ckpt, device):
@@ -292,9 +292,7 @@ def main(argv=None):
 
 def plot_landscape(grid, anchors, labels, gram, args, path):
     """Loss (log color), probing (and embedding-KL) landscapes with ||theta||_2 contours (Fig. 5/13/15)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.colors import LogNorm
     xs, ys, n = grid["xs"], grid["ys"], len(grid["xs"])
     W = grid["weights"]
@@ -320,9 +318,7 @@ def plot_landscape(grid, anchors, labels, gram, args, path):
         if args.frame == "ortho":
             ax.set_aspect("equal")
     fig.suptitle(f"{args.frame} frame: {' / '.join(args.points)}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (UserError, accuracy, add_supervised_args, arg_parser, atomic_save, autocast,
-                    check_supervised_args, normalize, run_main, setup_device, sgd, supervised_epoch,
-                    supervised_start, write_json)
+from common import (accuracy, add_supervised_args, arg_parser, atomic_save, autocast, check_supervised_args,
+                    normalize, pyplot, run_main, save_figure, setup_device, sgd, supervised_epoch,
+                    supervised_start, UserError, write_json)
 
 
 def parse_args(argv=None):
@@ -96,8 +96,7 @@ def barrier(errors):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.plot:
-        os.makedirs(args.out, exist_ok=True)
+    if args.plot:   # save_figure creates --out
         return plot_fig9(args.plot, os.path.join(args.out, "fig9.png"))
     device = setup_device(args.device)
     os.makedirs(args.out, exist_ok=True)
@@ -157,9 +156,7 @@ def main(argv=None):
 
 def plot_fig9(run_dirs, path):
     """Fig. 9: test error along the linear paths, one panel per run (init); pairs thin, mean bold."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(4.5 * len(run_dirs), 3.8), squeeze=False, sharey=True)
     for ax, d in zip(axes[0], run_dirs):
         rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
@@ -173,10 +170,7 @@ def plot_fig9(run_dirs, path):
                f"± {100 * summary['barrier_std']:.1f}%, BN {summary['bn']}")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test error (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":
