@@ -17,7 +17,9 @@ peak memory of a step (CUDA), and the one-off cost of the teacher cache. The las
 
     python bench.py                               # CPU: few steps, a couple of minutes
     python bench.py --device cuda --steps 50      # GPU
+    python bench.py --probe                       # a full probe against one distillation epoch
 """
+import math
 import statistics
 import time
 import weakref
@@ -30,21 +32,30 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import (arg_parser, autocast, distill_loss_fn, distillation_loss, make_model, run_main,
-                    setup_device, teacher_codes, train_epoch)
+import common
+from common import (arg_parser, at_least, autocast, distillation_loss, extract_features, knn_probe, linear_probe,
+                    make_model, run_main, setup_device, train_epoch)
+from distill import make_loss, teacher_codes
 
 p = arg_parser(__doc__)
 p.add_argument("--archs", nargs="+", default=["vgg11", "resnet18"])
 p.add_argument("--variants", nargs="+",
-               default=["plain", "ours_nocache", "ours_eager", "ours", "ours_cl", "ours_compile"],
+               default=["plain", "ours_nocache", "ours_eager", "ours", "ours_bf16", "ours_cl", "ours_compile"],
                help="plain | ours (distill.py's defaults: teacher cache, fused AdamW, compiled loss) | "
                     "ours_nocache (teacher recomputed every step) | ours_eager (loss not compiled) | "
-                    "ours_cl (+ channels_last) | ours_compile (+ the student compiled, --compile all)")
-p.add_argument("--batch-size", type=int, default=256)
-p.add_argument("--out-dim", type=int, default=65536)
-p.add_argument("--steps", type=int, default=None, help="timed steps per repetition (default: 3 on CPU, 50 on CUDA)")
-p.add_argument("--reps", type=int, default=3)
-p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the plain style (default: 0 on CPU, 8 on CUDA)")
+                    "ours_bf16 (+ --precision bf16) | ours_cl (+ channels_last) | "
+                    "ours_compile (+ the student compiled, --compile all)")
+p.add_argument("--batch-size", type=at_least(1), default=256)
+p.add_argument("--out-dim", type=at_least(2), default=65536)
+p.add_argument("--steps", type=at_least(1), default=None, help="timed steps per repetition (default: 3 on CPU, 50 on CUDA)")
+p.add_argument("--reps", type=at_least(1), default=3)
+p.add_argument("--workers", type=at_least(0), default=None,
+               help="DataLoader workers of the plain style (default: 0 on CPU, 8 on CUDA)")
+p.add_argument("--precision", default="auto", choices=common.PRECISIONS,
+               help="numerics of every variant but ours_bf16 (distill.py's --precision; auto: tf32 on CUDA, fp32 on CPU)")
+p.add_argument("--probe", action="store_true",
+               help="instead: a full probe (features of 50k + 10k images, k-NN, linear) against one distillation "
+                    "epoch (196 steps at batch 256) of each --archs, side by side")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -67,9 +78,9 @@ def sync(device):
 
 
 def matmul_peak(device):
-    """Dense matmul FLOP/s in the precision training runs in (bf16 on CUDA, fp32 on CPU)."""
+    """Dense fp32 matmul FLOP/s (TF32 where --precision tf32 allows it): the peak of the default numerics."""
     n = 8192 if device.type == "cuda" else 2048
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(5):
@@ -90,7 +101,9 @@ def build(arch, variant, data, args, device):
     student.load_state_dict(teacher.state_dict())
     if variant == "ours_cl":
         teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
-    model = torch.compile(student) if variant == "ours_compile" else student
+    model = student
+    if variant == "ours_compile":
+        model = common.compiled(student, [(torch.randn(args.batch_size, 3, 32, 32, device=device),)])
     # ours: fused AdamW (one kernel over all parameters, CPU and CUDA); plain: torch's default
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=variant != "plain")
     bs = args.batch_size
@@ -123,13 +136,16 @@ def build(arch, variant, data, args, device):
     x = data["x"]
     if variant == "ours_cl":
         x = x.contiguous(memory_format=torch.channels_last)
-    loss_fn = distill_loss_fn(model, teacher, x, data, cache=variant != "ours_nocache",
-                              compile=variant != "ours_eager")
+    loss_fn = make_loss(model, teacher, x, data, cache=variant != "ours_nocache",
+                        compile_batches=[bs] if variant != "ours_eager" else [])
     epoch = [0]
+    precision = "bf16" if variant == "ours_bf16" else args.precision
 
     def step_fn(n):   # n steps = one train_epoch over n batches of the resident data
         epoch[0] += 1
+        common.set_precision(precision, device)   # variants are timed in turn: each sets its own
         train_epoch(model, opt, loss_fn, n * bs, bs, 0, epoch[0], device)
+        common.set_precision(args.precision, device)
     return step_fn, student, teacher
 
 
@@ -185,16 +201,69 @@ def loss_peak_mib(loss, batch, out_dim, device):
 
 def flops_per_step(arch, variant, data, args, device):
     """FLOPs of one training step as FlopCounterMode counts them (forward + backward)."""
-    counted = variant if variant in ("plain", "ours_nocache") else "ours_eager"   # compiling changes no FLOPs
+    counted = variant if variant in ("plain", "ours_nocache") else "ours_eager"   # compiling, bf16 change no FLOPs
     step_fn, *_ = build(arch, counted, data, args, device)
     with FlopCounterMode(display=False) as counter:
         step_fn(1)
     return counter.get_total_flops()
 
 
+def probe_vs_epoch(arch, device, n_train=50_000, n_test=10_000, distill_batch=256, knn_k=20):
+    """A full probe (features of 50k + 10k images, k-NN, linear) against one distillation epoch
+    (196 steps at batch 256) of the same arch, timed side by side on this device. On a CPU only a
+    slice of each forward-bound part is timed and scaled up (said in the output)."""
+    cuda = torch.device(device).type == "cuda"
+    frac = 1.0 if cuda else 1 / 20
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=g).to(device)
+    data = dict(mean=torch.full((1, 3, 1, 1), 0.5, device=device),
+                std=torch.full((1, 3, 1, 1), 0.25, device=device))
+    teacher = make_model(arch, generator=torch.Generator().manual_seed(0)).to(device).eval().requires_grad_(False)
+    student = make_model(arch, generator=torch.Generator().manual_seed(1)).to(device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)   # as distill.py
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+
+    steps = math.ceil(n_train / distill_batch)
+    n_steps = max(2, round(steps * frac))
+    # as distill.py: teacher codes cached (once per run, not timed), loss compiled
+    loss_fn = make_loss(student, teacher, x[:distill_batch * n_steps], data, compile_batches=[distill_batch])
+    train_epoch(student, optimizer, loss_fn, distill_batch * 2, distill_batch, 0, 0, device)   # warm-up
+    t_epoch, _ = timed(lambda: train_epoch(student, optimizer, loss_fn, distill_batch * n_steps,
+                                           distill_batch, 0, 1, device))
+    t_epoch *= steps / n_steps
+
+    n_feat = max(1024, round((n_train + n_test) * frac))
+    t_feat, feats = timed(lambda: extract_features(student.encoder, x[:n_feat], data, device=device))
+    t_feat *= (n_train + n_test) / n_feat
+    f = torch.randn(n_train + n_test, feats.shape[1], generator=g).to(device)   # full-size features
+    t_knn, _ = timed(lambda: knn_probe(f[:n_train], y[:n_train], f[n_train:], y[n_train:],
+                                       knn_k))
+    t_lin, _ = timed(lambda: linear_probe(f[:n_train], y[:n_train], f[n_train:], y[n_train:], 10,
+                                          epochs=10, batch_size=256))
+    t_probe = t_feat + t_knn + t_lin
+    scaled = "" if cuda else f" (forward-bound parts timed on {frac:.0%} and scaled)"
+    print(f"{arch} on {device}, torch {torch.__version__}{scaled}")
+    print(f"  distillation epoch ({steps} steps x {distill_batch}): {t_epoch:8.2f} s")
+    print(f"  full probe: features {t_feat:.2f} s + k-NN {t_knn:.2f} s + linear {t_lin:.2f} s = {t_probe:8.2f} s")
+    print(f"probe / epoch: {t_probe / t_epoch:.2f}")
+    return t_probe / t_epoch
+
+
+
 def main():
     args = p.parse_args()
-    device = setup_device(args.device)
+    device = setup_device(args.device, args.precision)
+    if args.probe:
+        return [probe_vs_epoch(arch, device) for arch in args.archs]
     args.steps = args.steps or (50 if device.type == "cuda" else 3)
     args.workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 0)
     n = max(args.steps, 4) * args.batch_size   # images the resident variants cycle through

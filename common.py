@@ -7,12 +7,12 @@ scripts next to this file (distill.py, probe.py, ...) are the experiments.
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
 import sys
 from contextlib import nullcontext
-from functools import partial
 
 import numpy as np
 import torch
@@ -40,12 +40,137 @@ def arg_parser(description):
 
 
 def run_main(main):
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2, Ctrl-C one
+    line with the resume hint (checkpoints are written atomically, so the last one is intact)."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("stopped (Ctrl-C); the last checkpoint is intact: rerun the same command to resume from it",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def at_least(lo, kind=int):
+    """argparse type: a number >= lo (and finite), so a bad value is refused at parse time, naming its flag."""
+    def check(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not (math.isfinite(v) and v >= lo):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {lo:g}, got {text}")
+        return v
+    check.__name__ = kind.__name__   # argparse names the type in its messages
+    return check
+
+
+def positive(kind=float):
+    """argparse type: a finite number > 0 (learning rates, epsilons)."""
+    def check(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not (math.isfinite(v) and v > 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        return v
+    check.__name__ = kind.__name__
+    return check
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directories: one experiment each, locked while a process works in it, resumable.
+
+def make_out_dir(out):
+    """Create `--out` (and parents), or say in one line why it cannot be written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        raise UserError(f"--out {out}: cannot write a directory there ({why})") from None
+
+
+_locks = {}   # run directory -> its open lock file; the OS releases the lock when the process exits
+
+
+def open_run_dir(out, args, may_differ):
+    """Make `out` this process's run directory, or refuse in one line: while another process holds
+    it (an exclusive lock on <out>/.lock), or when it holds another experiment (its args.json
+    differs in a key outside `may_differ`, the arguments a rerun may change). Removes temp files
+    that a killed checkpoint write left behind. Writes args.json."""
+    import fcntl
+    make_out_dir(out)
+    lock = _locks.get(os.path.realpath(out)) or open(os.path.join(out, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)   # a no-op where this process holds it already
+    except OSError:
+        raise UserError(f"--out {out} is in use by another running process; wait for it or pick another --out") from None
+    _locks[os.path.realpath(out)] = lock
+    args_path = os.path.join(out, "args.json")
+    results = [f for f in os.listdir(out) if f not in (".lock", "args.json") and ".tmp" not in f]
+    old = None
+    if os.path.exists(args_path):
+        try:
+            with open(args_path) as f:
+                old = json.load(f)
+        except ValueError:
+            raise UserError(f"{args_path} is not valid JSON; restore it or pick another --out") from None
+    elif "last.pt" in results:   # args.json lost: the checkpoint knows its arguments
+        old = load_checkpoint(os.path.join(out, "last.pt")).get("args", {})
+    if old is not None:
+        # a key that older runs lack is a flag added since: they ran with its default
+        diff = sorted(k for k in args if k not in may_differ and k in old and old[k] != args[k])
+        if diff and results:
+            was = ", ".join("--" + k.replace("_", "-") + f" {old.get(k)}" for k in diff)
+            raise UserError(f"{out} holds a run with other arguments ({was}); rerun with those or pick another --out")
+    elif results:
+        raise UserError(f"{out} holds {', '.join(sorted(results)[:3])} but no args.json: not a run of this "
+                        f"command; pick another --out")
+    for f in os.listdir(out):   # what a kill during atomic_save leaves
+        if ".pt.tmp" in f:
+            os.remove(os.path.join(out, f))
+    write_json(args_path, args)
+
+
+def release_run_dir(out):
+    """Unlock `out` (a finished run; a process that exits releases it anyway)."""
+    lock = _locks.pop(os.path.realpath(out), None)
+    if lock is not None:
+        lock.close()
+
+
+def read_jsonl(path):
+    """The rows of a JSON-lines file; a partial last line (a crash mid-write) is dropped."""
+    rows = []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1 and any(l.strip() for l in lines[i + 1:]):
+                raise UserError(f"{path}: line {i + 1} is not JSON; restore the file or pick another --out") from None
+    return rows
+
+
+def append_jsonl(path, row):
+    """Append one row; a row that a crash cut short is dropped by `read_jsonl`, and the next row
+    starts on a line of its own."""
+    with open(path, "a+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":
+                f.write("\n")
+        f.write(json.dumps(row) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,11 +349,11 @@ def parse_bottleneck(spec):
     if len(bits) != 6 or set(bits) - {"0", "1"}:
         raise UserError(f"bad --bottleneck {spec!r}: use 'paper', 'authors' or 6 bits "
                         f"{'/'.join(BOTTLENECK_FIELDS)}, e.g. 011110")
-    on = dict(zip(BOTTLENECK_FIELDS, (b == "1" for b in bits)))
+    fields = dict(zip(BOTTLENECK_FIELDS, (b == "1" for b in bits)))
     for i in "12":
-        if on["wn" + i] and not on["lin" + i]:
+        if fields["wn" + i] and not fields["lin" + i]:
             raise UserError(f"bad --bottleneck {spec!r}: wn{i} needs lin{i}")
-    return on
+    return fields
 
 
 class NormedLinear(nn.Linear):
@@ -249,14 +374,14 @@ class Head(nn.Module):
 
     def __init__(self, embed_dim, out_dim=65536, bottleneck="paper", hidden=2048, bottleneck_dim=256):
         super().__init__()
-        on = parse_bottleneck(bottleneck)
+        fields = parse_bottleneck(bottleneck)
         self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
         d = hidden
-        self.lin1 = NormedLinear(d, bottleneck_dim, True, on["wn1"]) if on["lin1"] else None
-        d = bottleneck_dim if on["lin1"] else d
-        self.lin2 = NormedLinear(d, out_dim, False, on["wn2"]) if on["lin2"] else None
-        self.fn1, self.fn2 = on["fn1"], on["fn2"]
-        self.out_dim = out_dim if on["lin2"] else d
+        self.lin1 = NormedLinear(d, bottleneck_dim, True, fields["wn1"]) if fields["lin1"] else None
+        d = bottleneck_dim if fields["lin1"] else d
+        self.lin2 = NormedLinear(d, out_dim, False, fields["wn2"]) if fields["lin2"] else None
+        self.fn1, self.fn2 = fields["fn1"], fields["fn2"]
+        self.out_dim = out_dim if fields["lin2"] else d
 
     def bottleneck(self, x):
         """Everything up to the last layer: the 256-d L2-normalized code z (paper default)."""
@@ -267,26 +392,16 @@ class Head(nn.Module):
             x = F.normalize(x.float(), dim=-1, eps=1e-12).to(x.dtype)
         return x
 
-    def project(self, z, lin2=None):
-        """The last layer: code z -> out_dim logits (`lin2` stands in for self.lin2)."""
+    def project(self, z):
+        """The last layer: code z -> out_dim logits."""
         if self.lin2 is not None:
-            z = (lin2 or self.lin2)(z)
+            z = self.lin2(z)
         if self.fn2:
             z = F.normalize(z.float(), dim=-1, eps=1e-12).to(z.dtype)
         return z
 
     def forward(self, x):
         return self.project(self.bottleneck(x))
-
-    @torch.no_grad()
-    def frozen_project(self):
-        """`project` for a head that will not change: its weight normalization done once, here,
-        instead of at every call (2^16 x 256 weights per step for a cached teacher)."""
-        if self.lin2 is None or not self.lin2.weight_norm:
-            return self.project
-        frozen = NormedLinear(self.lin2.in_features, self.lin2.out_features, False, False)
-        frozen.weight.copy_(F.normalize(self.lin2.weight, dim=1))
-        return partial(self.project, lin2=frozen.to(self.lin2.weight.device).requires_grad_(False))
 
 
 class Model(nn.Module):
@@ -377,27 +492,72 @@ def _torchvision_split(name, root, train):
 
 
 def _decode(files):
+    """Decode image files into one uint8 [N, 3, H, W] tensor; an unreadable file or one of another
+    size is refused with its path (silently dropping it would change the dataset)."""
     imgs = []
     for f in files:
-        with Image.open(f) as im:
-            imgs.append(np.asarray(im.convert("RGB")))
-    if len({i.shape for i in imgs}) > 1:
-        raise UserError(f"images under {os.path.dirname(files[0])!r} differ in size; resize them first")
+        try:
+            with Image.open(f) as im:
+                imgs.append(np.asarray(im.convert("RGB")))
+        except (OSError, SyntaxError, ValueError) as e:   # empty, truncated, not an image
+            raise UserError(f"cannot read image {f} ({type(e).__name__}: {str(e)[:80]}); "
+                            f"remove or replace it") from None
+        if imgs[-1].shape != imgs[0].shape:
+            (h, w, _), (h0, w0, _) = imgs[-1].shape, imgs[0].shape
+            raise UserError(f"{f} is {w}x{h}, but {files[0]} is {w0}x{h0}: all images of a dataset "
+                            f"need one size; resize them first")
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
 
 
-def _imagefolder_split(root, train):
-    split_dir = os.path.join(root, "train" if train else "test")
-    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))) \
-        if os.path.isdir(split_dir) else []
-    files, labels = [], []
-    for i, c in enumerate(classes):
-        fs = sorted(glob.glob(os.path.join(split_dir, c, "*")))
-        files += fs
-        labels += [i] * len(fs)
+def _imagefolder_files(root, train):
+    """(files, labels, classes) of ROOT/train or ROOT/test, through torchvision's ImageFolder
+    rules: class folders sorted, files by image extension (IMG_EXTENSIONS). Both splits use the
+    class list of train/, so a class folder that only one split has cannot shift the other's labels.
+    Files that are not images by extension (README.txt, Thumbs.db) are skipped and counted on
+    stderr, as ImageFolder skips them."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
+    split = "train" if train else "test"
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(os.path.join(root, "train")) or not os.path.isdir(split_dir):
+        raise _missing("imagefolder", root)
+    try:
+        classes, class_to_idx = find_classes(os.path.join(root, "train"))
+        split_classes, _ = find_classes(split_dir)
+    except FileNotFoundError:
+        raise _missing("imagefolder", root, " (no class folders)") from None
+    extra = sorted(set(split_classes) - set(classes))
+    if extra:
+        raise UserError(f"{split_dir} has class folders that train/ lacks: {', '.join(extra)}; "
+                        f"labels come from train/'s classes, so remove them or add them to train/")
+    files, labels, skipped = [], [], []
+    for c in split_classes:
+        for dirpath, _, names in sorted(os.walk(os.path.join(split_dir, c), followlinks=True)):
+            for name in sorted(names):
+                path = os.path.join(dirpath, name)
+                if has_file_allowed_extension(name, IMG_EXTENSIONS):
+                    files.append(path)
+                    labels.append(class_to_idx[c])
+                else:
+                    skipped.append(path)
+    if skipped:
+        print(f"{split_dir}: skipped {len(skipped)} files that are not images by extension "
+              f"(e.g. {skipped[0]})", file=sys.stderr)
+    empty = [c for c in classes if c not in set(split_classes) or class_to_idx[c] not in set(labels)]
+    if train and empty:
+        raise UserError(f"{split_dir} has class folders without images: {', '.join(empty[:5])}; "
+                        f"remove them (a class with no images cannot be learned or balanced)")
     if not files:
         raise _missing("imagefolder", root)
-    return _decode(files), torch.tensor(labels)
+    return files, labels, classes
+
+
+def _fingerprint(files, root):
+    """What a decoded cache was built from: every file's path (relative to root), size and mtime, hashed."""
+    h = hashlib.sha1()
+    for f in files:
+        st = os.stat(os.path.join(root, f))
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _tinyimagenet_split(root, train):
@@ -433,24 +593,36 @@ def _fake_split(train):
 
 
 def load_split(name, root, train):
-    """(x uint8 [N,3,H,W], y int64 [N]) on the CPU; decoded once and cached next to the data."""
+    """(x uint8 [N,3,H,W], y int64 [N]) on the CPU; decoded once and cached next to the data. An
+    ImageFolder cache remembers the tree it came from (file names, sizes, mtimes) and is rebuilt
+    when the tree changes; an unreadable cache is rebuilt too."""
     if name == "fake":
         return _fake_split(train)
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose from {', '.join([*DATASETS, NOISE])}")
     root = os.path.expanduser(root)
     cache = os.path.join(root, f"{name}-{'train' if train else 'test'}.uint8.pt")
-    if os.path.exists(cache):
-        d = torch.load(cache, weights_only=True)
-        return d["x"], d["y"]
     if name == "imagefolder":
-        x, y = _imagefolder_split(root, train)
+        files, labels, _ = _imagefolder_files(root, train)
+        key = _fingerprint([os.path.relpath(f, root) for f in files], root)
+    else:
+        key = name   # torchvision's files and the Tiny ImageNet archive are not edited in place
+    if os.path.exists(cache):
+        try:
+            d = torch.load(cache, weights_only=True)
+            if d.get("key") == key:
+                return d["x"], d["y"]
+            print(f"{cache} was decoded from another version of the data; decoding again", file=sys.stderr)
+        except Exception as e:
+            print(f"{cache} is unreadable ({type(e).__name__}); decoding again", file=sys.stderr)
+    if name == "imagefolder":
+        x, y = _decode(files), torch.tensor(labels)
     elif name == "tinyimagenet":
         x, y = _tinyimagenet_split(root, train)
     else:
         x, y = _torchvision_split(name, root, train)
     try:
-        atomic_save({"x": x, "y": y}, cache)
+        atomic_save({"x": x, "y": y, "key": key}, cache)
     except OSError:
         pass   # read-only data directory: decode again next time
     return x, y
@@ -488,11 +660,12 @@ def normalize(x, data):
     return (x.float() / 255 - data["mean"]) / data["std"]
 
 
-def balanced_subset(y, n, generator):
+def balanced_subset(y, n, generator, flag="--n-samples"):
     """Indices of n samples, n/classes per class (the first ones of a seeded shuffle)."""
     classes = int(y.max()) + 1
-    if n % classes or n // classes > torch.bincount(y).min():
-        raise UserError(f"--n-samples {n} must be a multiple of {classes} and at most {len(y)}")
+    if n <= 0 or n % classes or n // classes > torch.bincount(y).min():
+        raise UserError(f"{flag} {n} must be a positive multiple of {classes} and at most "
+                        f"{classes * int(torch.bincount(y).min())} (this dataset's balanced maximum)")
     perm = torch.randperm(len(y), generator=generator).to(y.device)
     keep = torch.cat([perm[y[perm] == c][: n // classes] for c in range(classes)])
     return keep.sort().values
@@ -503,6 +676,8 @@ def probe_subset(x, y, cap, seed):
     if cap is None or cap >= len(y):
         return x, y
     classes = int(y.max()) + 1
+    if cap < classes:
+        raise UserError(f"--probe-samples {cap} is fewer than this dataset's {classes} classes")
     idx = balanced_subset(y, max(cap - cap % classes, classes), torch.Generator().manual_seed(10_000 + seed))
     return x[idx], y[idx]
 
@@ -515,9 +690,16 @@ def gaussian_inputs(n, img_size, generator):
 # ----------------------------------------------------------------------------------------------
 # Training loop: data on the device, batches are index slices, no DataLoader, no per-step sync.
 
-def setup_device(device):
-    """Check `--device`; on CUDA let cuDNN pick the fastest kernels and matmuls use TF32. Under
-    torchrun, join the process group (NCCL on CUDA, gloo on CPU) and take this rank's GPU."""
+PRECISIONS = ["auto", "fp32", "tf32", "bf16"]
+_autocast_dtype = None   # set once per process by setup_device: None (full precision) or torch.bfloat16
+
+
+def setup_device(device, precision="auto"):
+    """Check `--device` and set the numerics of every network in this process (`--precision`):
+    fp32 (no TF32 anywhere), tf32 (CUDA only: cuDNN convolutions in TF32, matmuls fp32 -- PyTorch's
+    defaults, what the authors' runs used), bf16 (autocast). `auto`: the authors' numerics, tf32 on
+    CUDA and fp32 elsewhere (README: bf16 changes the alpha~0 dynamics). On CUDA cuDNN picks the
+    fastest kernels. Under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -526,13 +708,28 @@ def setup_device(device):
         if not torch.cuda.is_available():
             raise UserError(f"--device {device}: no CUDA device here; use --device cpu")
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_precision(precision, dev)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return dev
+
+
+def set_precision(precision, device):
+    """The numerics of `--precision` for this process (see setup_device); returns the resolved name."""
+    global _autocast_dtype
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "tf32" if torch.device(device).type == "cuda" else "fp32"
+    if precision == "tf32" and torch.device(device).type != "cuda":
+        raise UserError("--precision tf32 needs a CUDA device; on CPU use fp32 or bf16")
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    return precision
 
 
 # Data parallel (torchrun): one seeded permutation on every rank, each rank takes its slice of
@@ -563,8 +760,10 @@ def gather_rows(t, n_rows):
 
 
 def autocast(device):
-    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slow and changes numerics)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+    """The autocast context of `--precision` (setup_device): bf16 autocast, or none (fp32/tf32)."""
+    if _autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=_autocast_dtype)
 
 
 def epoch_batches(n, batch_size, seed, epoch, device):
@@ -574,21 +773,21 @@ def epoch_batches(n, batch_size, seed, epoch, device):
     return torch.randperm(n, generator=g).to(device).split(batch_size)
 
 
-def train_epoch(model, optimizer, loss_fn, n, batch_size, seed, epoch, device, progress=None, after_step=None):
-    """One epoch of `loss_fn(idx) -> (loss, stats dict)` over n samples. Returns the epoch means
-    of loss and stats (one host sync per epoch); raises on a non-finite loss. `after_step()` runs
-    after every optimizer step (IMP re-applies its masks there). Under torchrun each rank runs
-    its slice of every batch; the loss is reweighted so that DDP's gradient average equals the
-    global batch's mean even when the last batch does not split evenly."""
+def train_steps(model, optimizer, loss_fn, batches, progress=None, after_step=None):
+    """One optimizer step per index batch of `loss_fn(idx) -> (loss, stats dict)`. Returns the
+    means of loss and stats over the steps (one host sync); raises on a non-finite loss.
+    `after_step()` runs after every optimizer step (IMP re-applies its masks there). Under
+    torchrun each rank runs its slice of every batch; the loss is reweighted so that DDP's
+    gradient average equals the global batch's mean even when a batch does not split evenly."""
     model.train()
     rank, world_size = world()
-    totals, steps = None, 0
-    for idx in epoch_batches(n, batch_size, seed, epoch, device):
+    totals, steps, stats = None, 0, {}
+    for idx in batches:
         weight = 1.0
         if world_size > 1:
             local = idx.tensor_split(world_size)[rank]
             weight, idx = len(local) / len(idx), local
-        with autocast(device):
+        with autocast(idx.device):
             loss, stats = loss_fn(idx)
         optimizer.zero_grad(set_to_none=True)
         (loss * (weight * world_size) if world_size > 1 else loss).backward()
@@ -606,9 +805,18 @@ def train_epoch(model, optimizer, loss_fn, n, batch_size, seed, epoch, device, p
         dist.all_reduce(totals)
     means = (totals / steps).tolist()
     if not all(math.isfinite(v) for v in means):
-        raise UserError(f"non-finite loss in epoch {epoch}; stopping, the last checkpoint is kept. "
-                        f"Try a lower --lr")
+        raise NonFiniteLoss("the loss became non-finite; stopping (try a lower --lr)")
     return dict(zip(["loss", *stats], means))
+
+
+class NonFiniteLoss(UserError):
+    """The loss diverged: reported in one line; the caller says which checkpoint is kept."""
+
+
+def train_epoch(model, optimizer, loss_fn, n, batch_size, seed, epoch, device, progress=None, after_step=None):
+    """`train_steps` over one epoch of n samples in the seeded order of `epoch_batches`."""
+    return train_steps(model, optimizer, loss_fn, epoch_batches(n, batch_size, seed, epoch, device),
+                       progress, after_step)
 
 
 def _rowdot(a, b):
@@ -654,60 +862,43 @@ def distillation_loss(student_logits, teacher_logits):
     return ce.mean(), kl.mean(), entropy.mean()
 
 
-def compiled(fn):
-    """torch.compile(fn), falling back to eager where compilation fails (no C++ compiler, say)."""
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(fn)
+def compiled(fn, examples):
+    """torch.compile(fn) (a function or a module), tried forward and backward on `examples` (a list
+    of argument tuples, one per input shape the run will see). Where compiling fails at any point --
+    tracing, building kernels, loading a cached kernel, the backward -- `fn` itself serves the rest
+    of the run, after one warning line. A compile killed mid-write can leave a broken kernel in
+    inductor's cache that fails every later run compiling the same graph: the warning names the
+    directory to clear. A module's buffers (BN statistics) are restored after the trial."""
+    torch._dynamo.config.suppress_errors = True   # trace-time failures: dynamo falls back by itself
+    fast = torch.compile(fn)
+    buffers = {k: v.clone() for k, v in fn.named_buffers()} if isinstance(fn, nn.Module) else {}
+    try:
+        for args in examples:
+            with autocast(args[0].device):   # the numerics the run will compile under
+                out = fast(*args)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            out.float().sum().backward()
+    except Exception as e:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); running "
+              f"eager. If this repeats, clear inductor's cache: rm -rf {cache_dir()}", file=sys.stderr)
+        fast = fn
+    finally:
+        if buffers:
+            with torch.no_grad():
+                for k, v in fn.named_buffers():
+                    v.copy_(buffers[k])
+        for args in examples:   # the trial's gradients are not the run's
+            for a in args:
+                a.grad = None
+        if isinstance(fn, nn.Module):
+            fn.zero_grad(set_to_none=True)
+    return fast
 
 
 def weights_version(model):
     """Changes whenever any parameter is modified in place (optimizer step, EMA, load_state_dict)."""
     return sum(p._version for p in model.parameters())
-
-
-@torch.no_grad()
-def teacher_codes(teacher, x, data, batch_size=1024):
-    """The frozen teacher's bottleneck code z = head.bottleneck(encoder(x)) of every distillation
-    image ([N, 256], kept on the device), computed once under the same autocast as a step."""
-    codes = []
-    for xb in shard(x).split(batch_size):   # under torchrun each rank computes its rows
-        with autocast(x.device):
-            codes.append(teacher.head.bottleneck(teacher.encoder(normalize(xb, data))))
-    return gather_rows(torch.cat(codes), len(x))
-
-
-def distill_loss_fn(student, teacher, x, data, augment=None, cache=True, compile=False):
-    """loss_fn(idx) for train_epoch: the same un-augmented images to both networks (no
-    augmentation, §3), the frozen teacher under no_grad, the loss of `distillation_loss`.
-
-    A frozen random teacher that sees un-augmented images gives every image the same output at
-    every step, so with `cache` (the default where it is valid: teacher in eval mode, no
-    parameter requiring grad, no `augment`) its code z is computed once for all of x and a step
-    runs only the teacher's last layer: the teacher's encoder forward disappears from training.
-    A teacher whose weights change afterwards (an EMA update, say) raises instead of silently
-    being served stale codes. `augment(uint8 batch, idx)`, if given, turns the cache off.
-    `compile` fuses the loss's 65536-wide elementwise passes with torch.compile."""
-    criterion = compiled(distillation_loss) if compile else distillation_loss
-    frozen = not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    codes = teacher_codes(teacher, x, data) if cache and frozen and augment is None else None
-    project = teacher.head.frozen_project() if codes is not None else None
-    version = weights_version(teacher)
-
-    def loss_fn(idx):
-        xb = x[idx] if augment is None else augment(x[idx], idx)
-        xb = normalize(xb, data)
-        with torch.no_grad():
-            if codes is None:
-                t = teacher(xb)
-            elif weights_version(teacher) != version:
-                raise RuntimeError("the teacher changed after its outputs were cached; "
-                                   "build the loss with cache=False for a teacher that updates")
-            else:
-                t = project(codes[idx])
-        ce, kl, entropy = criterion(student(xb), t)
-        return ce, dict(kl=kl, teacher_entropy=entropy)
-    loss_fn.cached = codes is not None
-    return loss_fn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -742,18 +933,17 @@ def flip_crop(x, flips, offsets, pad=4):
     return x[ar(b)[:, None, None, None], ar(c)[None, :, None, None], rows, cols]
 
 
-def supervised_loss_fn(model, data, seed, epoch, augment=True, pad=4):
-    """loss_fn(idx) for train_epoch: cross-entropy on labelled, augmented training images. The
-    augmentation draws of the whole epoch are made at once from a (seed, epoch)-seeded generator."""
+def supervised_loss_fn(model, data, seed, epoch):
+    """loss_fn(idx) for train_epoch: cross-entropy on labelled training images with flip + 4-px
+    crop (App. E.5). The augmentation draws of the whole epoch are made at once from a
+    (seed, epoch)-seeded generator."""
     n, device = len(data["y_train"]), data["x_train"].device
     g = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
     flips = (torch.rand(n, generator=g) < 0.5).to(device)
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g).to(device)
+    offsets = torch.randint(0, 9, (n, 2), generator=g).to(device)
 
     def loss_fn(idx):
-        x = data["x_train"][idx]
-        if augment:
-            x = flip_crop(x, flips[idx], offsets[idx], pad)
+        x = flip_crop(data["x_train"][idx], flips[idx], offsets[idx])
         return F.cross_entropy(model(normalize(x, data)), data["y_train"][idx]), {}
     return loss_fn
 
@@ -785,12 +975,14 @@ def add_supervised_args(p, figure, seed_help, out_help):
                    help="'random' (a fresh init θ_S) or 'student:CKPT' (a distilled student's encoder θ*_S)")
     p.add_argument("--dataset", default="cifar10", help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--data-root", default="data")
-    p.add_argument("--epochs", type=int, default=160, help="App. E.5: 160")
-    p.add_argument("--batch-size", type=int, default=128, help="App. E.5: 128")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD, momentum 0.9 (App. E.5)")
-    p.add_argument("--milestones", type=int, nargs="*", default=None,
+    p.add_argument("--epochs", type=at_least(1), default=160, help="App. E.5: 160")
+    p.add_argument("--batch-size", type=at_least(1), default=128, help="App. E.5: 128")
+    p.add_argument("--lr", type=positive(), default=0.1, help="SGD, momentum 0.9 (App. E.5)")
+    p.add_argument("--milestones", type=at_least(0), nargs="*", default=None,
                    help="epochs after which lr drops x0.1 (default: half and 3/4 of --epochs, i.e. 80 120)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=at_least(0.0, float), default=1e-4)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="numerics (distill.py's --precision; auto: tf32 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

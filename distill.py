@@ -15,23 +15,27 @@ architecture: no labels, no augmentation, the same image to both networks. Probi
 Offline, point an ImageFolder tree at it: `--dataset imagefolder --data-root cifar10-jpeg`.
 Rerunning the same command resumes from `<out>/last.pt`.
 """
+import copy
 import json
 import math
 import os
+import statistics
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (ARCHS, BOTTLENECKS, DATASETS, NOISE, NORMS, arg_parser, atomic_save, balanced_subset,
-                    distill_loss_fn, distillation_loss, extract_features, flat_params, gather_rows,
-                    gaussian_inputs, knn_probe, linear_probe, load_checkpoint, load_dataset, locality_init,
-                    make_encoder, make_model, model_from_checkpoint, normalize, parse_bottleneck,
-                    probe_subset, pyplot, run_main, save_figure, setup_device, shard, train_epoch, UserError,
-                    world, write_json)
+from common import (ARCHS, BOTTLENECKS, DATASETS, NOISE, NORMS, PRECISIONS, NonFiniteLoss, UserError,
+                    append_jsonl, arg_parser, at_least, atomic_save, autocast, balanced_subset, compiled,
+                    distillation_loss, epoch_batches, extract_features, flat_params, gather_rows, gaussian_inputs,
+                    knn_probe, linear_probe, load_checkpoint, load_dataset, locality_init, make_encoder,
+                    make_model, model_from_checkpoint, normalize, open_run_dir, parse_bottleneck, positive,
+                    probe_subset, pyplot, read_jsonl, release_run_dir, run_main, save_figure, setup_device, shard, train_steps,
+                    weights_version, world, write_json)
 
 
 def parse_args(argv=None):
@@ -47,15 +51,22 @@ def parse_args(argv=None):
                    help="labelled data for probing (default: --dataset, or cifar10 for gaussian); "
                         "resized to the distillation resolution (transfer, Tables 2/4)")
     p.add_argument("--data-root", default="data", help="where datasets live / are downloaded to")
-    p.add_argument("--epochs", type=int, default=100, help="paper: 100 (its curves run to 150)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW, constant (App. E.4)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="on >=2-D weights; paper: none (App. E.4)")
-    p.add_argument("--bias-decay", type=float, default=0.0,
+    p.add_argument("--epochs", type=at_least(1), default=100, help="paper: 100 (its curves run to 150)")
+    p.add_argument("--steps", type=at_least(1), default=None,
+                   help="train for this many optimizer steps instead of --epochs (a budget that holds "
+                        "the number of updates fixed across dataset sizes, Fig. 4)")
+    p.add_argument("--batch-size", type=at_least(1), default=256)
+    p.add_argument("--lr", type=positive(), default=1e-3, help="AdamW, constant (App. E.4)")
+    p.add_argument("--adam-eps", type=positive(), default=1e-8,
+                   help="AdamW's eps (torch's default, the authors'). Near alpha=0 the gradients are far "
+                        "below it, so it sets the early step size (README, 'the authors' head')")
+    p.add_argument("--weight-decay", type=at_least(0.0, float), default=0.0,
+                   help="on >=2-D weights; paper: none (App. E.4)")
+    p.add_argument("--bias-decay", type=at_least(0.0, float), default=0.0,
                    help="on biases and norm params; the authors' runs kept AdamW's default 0.01 here")
-    p.add_argument("--n-samples", type=int, default=None,
+    p.add_argument("--n-samples", type=at_least(1), default=None,
                    help="class-balanced subset of the distillation set (Fig. 4); probing uses the full sets")
-    p.add_argument("--out-dim", type=int, default=65536, help="softmax width m (Fig. 10); paper: 2^16")
+    p.add_argument("--out-dim", type=at_least(2), default=65536, help="softmax width m (Fig. 10); paper: 2^16")
     p.add_argument("--bottleneck", default="paper",
                    help="L2 bottleneck as bits wn1 lin1 fn1 wn2 lin2 fn2 (Fig. 12), or 'paper' (=011110, "
                         "weight-normalized last layer as App. A writes it) or 'authors' (=011010, what "
@@ -67,19 +78,23 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="data order, subsets and probe seeds")
     p.add_argument("--teacher-ckpt", default=None,
                    help="restart (App. D.1): this run's trained student becomes the frozen teacher")
-    p.add_argument("--probe-every", type=int, default=5, help="probe every N epochs (and at the last)")
-    p.add_argument("--knn-k", type=int, default=20, help="k of the k-NN probe (App. C.1)")
-    p.add_argument("--probe-samples", type=int, nargs="+", default=None, metavar=("N_TRAIN", "N_TEST"),
+    p.add_argument("--probe-every", type=at_least(1), default=5, help="probe every N epochs (and at the last step)")
+    p.add_argument("--probe-steps", type=at_least(1), nargs="+", default=[], metavar="STEP",
+                   help="also probe after these optimizer steps (e.g. 1 2 5 10 20 50 100 250 500 1000: "
+                        "the early dynamics near alpha=0)")
+    p.add_argument("--knn-k", type=at_least(1), default=20, help="k of the k-NN probe (App. C.1)")
+    p.add_argument("--probe-samples", type=at_least(10), nargs="+", default=None, metavar=("N_TRAIN", "N_TEST"),
                    help="cap the probe train (and test, default the same) splits, for quick CPU runs")
     p.add_argument("--out", default=None, help="run directory (default: runs/<arch>_a<alpha>_<dataset>; "
                                                "with --plot: runs)")
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
                    help="only draw the sweep summaries (Fig. 3, 4, 10, 11, 12, 17, 18) of these finished runs")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="numerics of both networks: fp32, tf32 (CUDA: TF32 convolutions, the authors' runs), "
+                        "bf16 autocast; auto = tf32 on CUDA, fp32 on CPU (README: why not bf16)")
     p.add_argument("--compile", default="loss", choices=["none", "loss", "all"],
-                   help="torch.compile the loss (fuses its 65536-wide passes: 1.04-1.15x on CPU, bench.py) "
-                        "or also the student (ResNet18 on CPU: 1.3x more; VGG11: slower)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="NHWC memory format for networks and images (ResNet18 on CPU: 1.2x, VGG11: slower; bench.py)")
+                   help="torch.compile the loss (fuses its 65536-wide passes) or also the student (README, bench.py)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for networks and images")
     p.add_argument("--recompute-teacher", action="store_true",
                    help="run the teacher's forward every step instead of caching its codes once (same loss)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,44 +116,189 @@ def parse_args(argv=None):
     except UserError as e:
         p.error(str(e))
     args.bottleneck = BOTTLENECKS.get(args.bottleneck, args.bottleneck)
+    args.probe_steps = sorted(set(args.probe_steps))
     args.out = args.out or f"runs/{args.arch}_a{args.alpha:g}_{args.dataset}"
     return args
 
 
 # A rerun may change these and still resume; any other difference means another experiment.
-RESUMABLE = {"epochs", "device", "probe_every", "out", "data_root", "compile", "channels_last",
-             "recompute_teacher"}
+RESUMABLE = {"epochs", "steps", "device", "probe_every", "probe_steps", "out", "data_root", "compile",
+             "channels_last", "recompute_teacher", "plot"}
+
+
+# ============ the teacher-student loss (§3, §4) ============
+# The frozen random teacher sees un-augmented images, so its output for an image never changes:
+# its 256-d bottleneck code z is computed once per run, and a step runs only its last layer
+# (weight norm folded in once) -- the teacher's encoder forward disappears from training.
+
+@torch.no_grad()
+def teacher_codes(teacher, x, data, batch_size=1024):
+    """z = head.bottleneck(encoder(x)) of every distillation image ([N, 256], on the device)."""
+    codes = []
+    for xb in shard(x).split(batch_size):   # under torchrun each rank computes its rows
+        with autocast(x.device):
+            codes.append(teacher.head.bottleneck(teacher.encoder(normalize(xb, data))))
+    return gather_rows(torch.cat(codes), len(x))
+
+
+def make_loss(student, teacher, x_distill, data, cache=True, compile_batches=()):
+    """loss(idx) -> (cross-entropy, stats) for the distillation images x_distill[idx]: the same
+    image to both networks (no augmentation), the teacher frozen, the loss H(p_t, p_s) of
+    `distillation_loss`, torch.compiled for batches of `compile_batches` sizes (fusing its
+    2^16-wide passes). A teacher whose weights change after its codes were cached (an EMA
+    update, say) raises instead of being served stale codes."""
+    criterion = distillation_loss
+    if compile_batches:
+        g, m = torch.Generator().manual_seed(0), teacher.head.out_dim
+        examples = [(torch.randn(b, m, generator=g).to(x_distill.device).requires_grad_(),
+                     torch.randn(b, m, generator=g).to(x_distill.device)) for b in compile_batches]
+        criterion = compiled(distillation_loss, examples)
+    codes = teacher_codes(teacher, x_distill, data) if cache else None
+    last_layer = copy.deepcopy(teacher.head)
+    if last_layer.lin2 is not None and last_layer.lin2.weight_norm:   # ||V_:,i|| = 1 (App. A), once
+        with torch.no_grad():
+            last_layer.lin2.weight.copy_(F.normalize(last_layer.lin2.weight, dim=1))
+        last_layer.lin2.weight_norm = False
+    version = weights_version(teacher)
+
+    def loss(idx):
+        x = normalize(x_distill[idx], data)
+        with torch.no_grad():
+            if codes is None:
+                t = teacher(x)
+            elif weights_version(teacher) != version:
+                raise RuntimeError("the teacher changed after its outputs were cached; use --recompute-teacher")
+            else:
+                t = last_layer.project(codes[idx])
+        ce, kl, entropy = criterion(student(x), t)
+        return ce, dict(kl=kl, teacher_entropy=entropy)
+    return loss
+
+
+# ============ what the metrics rows hold ============
+
+def embed(encoder, probe_data):
+    """Encoder features of the probe train and test images. Under torchrun each rank embeds its
+    slice of the images and every rank gets all of them."""
+    device = probe_data["x_train"].device
+    return tuple(gather_rows(extract_features(encoder, shard(x), probe_data, device=device), len(x))
+                 for x in (probe_data["x_train"], probe_data["x_test"]))
+
+
+def probe(features, probe_data, knn_k, seed):
+    """Linear (raw and standardized) and k-NN (L2 and cosine) probes of features (§3, App. C.1)."""
+    f_train, f_test = features
+    y_train, y_test, c = probe_data["y_train"], probe_data["y_test"], probe_data["num_classes"]
+    # raw features are the paper's probe; standardized ones (train mean/std) were probed too by the authors
+    return dict(linear=linear_probe(f_train, y_train, f_test, y_test, c, seed=seed),
+                linear_std=linear_probe(f_train, y_train, f_test, y_test, c, seed=seed, standardize=True),
+                knn=knn_probe(f_train, y_train, f_test, y_test, knn_k, "l2", c),
+                knn_cos=knn_probe(f_train, y_train, f_test, y_test, knn_k, "cosine", c))
+
+
+@torch.no_grad()
+def representation_stats(model, x, data):
+    """What says whether a student collapsed (README, 'the authors' head'): the embedding norm,
+    the spread across images (std over images, mean over dims) of the code z and of the logits,
+    and per ReLU layer the fraction of channels that fire on none of these images."""
+    fired, hooks = [], []
+    for m in model.encoder.modules():
+        if isinstance(m, nn.ReLU):
+            fired.append(None)
+            def hook(module, inputs, out, i=len(fired) - 1):
+                on = (out > 0).transpose(0, 1).flatten(1).any(1)
+                fired[i] = on if fired[i] is None else fired[i] | on
+            hooks.append(m.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    with autocast(x.device):
+        embed = model.encoder(normalize(x, data)).float()
+        z = model.head.bottleneck(embed).float()
+        logits = model.head.project(z).float()
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    return dict(embed_norm=embed.norm(dim=1).mean().item(), code_std=z.std(0).mean().item(),
+                logit_std=logits.std(0).mean().item(),
+                dead_relu=[round(1 - f.float().mean().item(), 4) for f in fired if f is not None])
+
+
+@torch.no_grad()
+def adam_update_stats(optimizer):
+    """The last AdamW step, read off its state: u = m_hat / (sqrt(v_hat) + eps) per coordinate is
+    the step in units of lr. Returns lr * ||u|| (the update's size), the fraction of coordinates
+    moving at full lr (|u| > 0.5) and the fraction where sqrt(v_hat) < eps: there Adam is plain
+    SGD with learning rate lr / eps (1e5 at the defaults)."""
+    norm2, full, eps_bound, count = 0.0, 0, 0, 0
+    for group in optimizer.param_groups:
+        (b1, b2), eps, lr = group["betas"], group["eps"], group["lr"]
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            step = float(state["step"])
+            root_v = (state["exp_avg_sq"] / (1 - b2 ** step)).sqrt()
+            u = (state["exp_avg"] / (1 - b1 ** step)) / (root_v + eps)
+            norm2 += (lr * u).square().sum().item()
+            full += (u.abs() > 0.5).sum().item()
+            eps_bound += (root_v < eps).sum().item()
+            count += u.numel()
+    count = max(count, 1)
+    return dict(update_norm=math.sqrt(norm2), full_lr_frac=full / count, eps_bound_frac=eps_bound / count)
+
+
+def probe_points(start, total, steps_per_epoch, probe_every, probe_steps):
+    """The steps after which the run probes and checkpoints: every `probe_every` epochs, the
+    `--probe-steps`, and the last step."""
+    every = range(probe_every * steps_per_epoch, total + 1, probe_every * steps_per_epoch)
+    return sorted({s for s in [*every, *probe_steps, total] if start < s <= total})
+
+
+def step_batches(n, batch_size, seed, first, last, device):
+    """The index batches of global steps first .. last-1: epoch e (1-based) is the seeded
+    permutation of `epoch_batches`, so a run cut anywhere resumes in the same order."""
+    per_epoch = math.ceil(n / batch_size)
+    batches = []
+    for epoch in range(first // per_epoch + 1, (last - 1) // per_epoch + 2):
+        offset = (epoch - 1) * per_epoch
+        batches += epoch_batches(n, batch_size, seed, epoch, device)[max(first - offset, 0):last - offset]
+    return batches
+
+
+def save_state(path, config, args, step, epoch, best, student, teacher, optimizer=None):
+    state = dict(config=config, args=vars(args), step=step, epoch=epoch, best=best,
+                 student=student.state_dict(), teacher=teacher.state_dict())
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    atomic_save(state, path)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
         return plot_sweeps(args.plot, args.out or "runs")
-    device = setup_device(args.device)
+    device = setup_device(args.device, args.precision)
     rank, world_size = world()   # (0, 1) unless launched by torchrun
-    os.makedirs(args.out, exist_ok=True)
+    master = rank == 0           # the one process that writes (nanoGPT's master_process)
+
+    # ============ run directory: one experiment, resumed from its last checkpoint ============
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-
-    # ------------------------------------------------------------------ resume or start
+    if master:
+        open_run_dir(args.out, vars(args), RESUMABLE)
+    if world_size > 1:
+        dist.barrier()
     ckpt = load_checkpoint(last_path) if os.path.exists(last_path) else None
-    if ckpt is not None:
-        old = ckpt["args"]
-        diff = {k for k in vars(args) if k not in RESUMABLE and old.get(k) != vars(args)[k]}
-        if diff:
-            was = ", ".join("--" + k.replace("_", "-") + f" {old.get(k)}" for k in sorted(diff))
-            raise UserError(f"{args.out} holds a run with other arguments ({was}); "
-                            f"rerun with those or pick another --out")
 
-    # ------------------------------------------------------------------ data (on the device)
+    # ============ data, resident on the device ============
     probe_name = args.probe_dataset or (args.dataset if args.dataset != NOISE else "cifar10")
     distill_size = None if args.dataset in (NOISE, probe_name) else DATASETS[args.dataset][1]
-    data = load_dataset(probe_name, args.data_root, device, img_size=distill_size)
-    img_size = data["img_size"]
-    distill_data = data   # whose normalization the distillation inputs get
+    probe_data = load_dataset(probe_name, args.data_root, device, img_size=distill_size)
+    img_size = probe_data["img_size"]
+    distill_data = probe_data   # whose normalization the distillation inputs get
     if args.dataset == NOISE:
         g = torch.Generator().manual_seed(args.seed)
-        x_distill = gaussian_inputs(args.n_samples or len(data["x_train"]), img_size, g).to(device)
+        x_distill = gaussian_inputs(args.n_samples or len(probe_data["x_train"]), img_size, g).to(device)
     else:
         if args.dataset != probe_name:   # distill on one dataset, probe on another (Tables 2/4)
             distill_data = load_dataset(args.dataset, args.data_root, device)
@@ -146,24 +306,28 @@ def main(argv=None):
         if args.n_samples:
             g = torch.Generator().manual_seed(args.seed)
             x_distill = x_distill[balanced_subset(distill_data["y_train"], args.n_samples, g)]
+    n_train, n_test = (args.probe_samples or [None])[0], (args.probe_samples or [None])[-1]   # N_TRAIN [N_TEST]
+    x_probe_train, y_probe_train = probe_subset(probe_data["x_train"], probe_data["y_train"], n_train, args.seed)
+    x_probe_test, y_probe_test = probe_subset(probe_data["x_test"], probe_data["y_test"], n_test, args.seed)
+    probe_data = dict(probe_data, x_train=x_probe_train, y_train=y_probe_train,
+                      x_test=x_probe_test, y_test=y_probe_test)
+    x_diagnose = x_probe_test[:512]   # fixed images for representation_stats
+    steps_per_epoch = math.ceil(len(x_distill) / args.batch_size)   # the last partial batch is kept
+    total = args.steps or args.epochs * steps_per_epoch
 
-    caps = args.probe_samples or [None]
-    x_ptr, y_ptr = probe_subset(data["x_train"], data["y_train"], caps[0], args.seed)
-    x_pte, y_pte = probe_subset(data["x_test"], data["y_test"], caps[-1], args.seed)
-
-    # ------------------------------------------------------------------ teacher and student
+    # ============ teacher and student (§4) ============
     config = dict(arch=args.arch, out_dim=args.out_dim, bottleneck=args.bottleneck,
                   norm=args.norm, img_size=img_size)
     if args.teacher_ckpt:   # App. D.1: a trained student (weights and buffers) is the new teacher
-        tckpt = load_checkpoint(args.teacher_ckpt)
-        if tckpt["config"] != config:
-            raise UserError(f"--teacher-ckpt {args.teacher_ckpt} holds {tckpt['config']}; "
+        teacher_ckpt = load_checkpoint(args.teacher_ckpt)
+        if teacher_ckpt["config"] != config:
+            raise UserError(f"--teacher-ckpt {args.teacher_ckpt} holds {teacher_ckpt['config']}; "
                             f"this run builds {config}")
-        teacher = model_from_checkpoint(tckpt, "student", args.teacher_ckpt)
+        teacher = model_from_checkpoint(teacher_ckpt, "student", args.teacher_ckpt)
     else:
         teacher = make_model(**config, generator=torch.Generator().manual_seed(args.teacher_seed))
     student = make_model(**config, generator=torch.Generator().manual_seed(args.student_seed))
-    locality_init(teacher, student, args.alpha)
+    locality_init(teacher, student, args.alpha)       # theta_S = mix of theta_T and a fresh theta_R
     teacher.to(device).eval().requires_grad_(False)   # eval mode: a random teacher's BN stats stay 0/1
     if world_size > 1 and device.type == "cuda":      # BN sees the global batch, as in a 1-GPU run
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -173,133 +337,110 @@ def main(argv=None):
         x_distill = x_distill.contiguous(memory_format=torch.channels_last)
     theta0 = flat_params(student)                     # theta_S(0), for the distance from init (App. D)
 
+    # ============ optimizer: AdamW, constant lr, no weight decay (App. E.4) ============
     decay = [p for p in student.parameters() if p.dim() >= 2]
     no_decay = [p for p in student.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
                                    dict(params=no_decay, weight_decay=args.bias_decay)],
-                                  lr=args.lr, fused=True)   # one kernel for all parameters, CPU too
+                                  lr=args.lr, eps=args.adam_eps, fused=True)   # one kernel, CPU too
 
-    start_epoch, best, metrics = 0, -1.0, []
+    # ============ resume ============
+    step, best, metrics = 0, -1.0, []
     if ckpt is not None:
         if ckpt["config"] != config:
             raise UserError(f"{last_path} is a {ckpt['config']}, this run builds {config}")
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, best = ckpt["epoch"], ckpt["best"]
+        step, best = ckpt.get("step", ckpt["epoch"] * steps_per_epoch), ckpt["best"]
         if not os.path.exists(metrics_path):
             raise UserError(f"{last_path} exists but {metrics_path} does not; restore it or pick another --out")
-        with open(metrics_path) as f:   # lines past the checkpoint belong to the killed tail
-            metrics = [m for m in map(json.loads, f) if m["epoch"] <= start_epoch]
-        if rank == 0:
-            print(f"resuming {args.out} from epoch {start_epoch}")
+        metrics = [m for m in read_jsonl(metrics_path) if m.get("step", math.inf) <= step]   # rows past last.pt: the killed tail
+        if master:
+            print(f"resuming {args.out} from step {step}")
     if world_size > 1:
-        dist.barrier()   # every rank has read the metrics before rank 0 rewrites them
-    if rank == 0:
+        dist.barrier()   # every rank has read the metrics before the master rewrites them
+    if master:
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in metrics)
 
-    # ------------------------------------------------------------------ the teacher-student loss
+    # ============ the loss, on the batches of the data-parallel model ============
     train_model = student
     if world_size > 1:   # torchrun: DDP averages the gradients of each rank's slice of the batch
         train_model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    batch_sizes = sorted({min(args.batch_size, len(x_distill)), len(x_distill) % args.batch_size} - {0})
     if args.compile == "all":
-        train_model = torch.compile(train_model)
-    # the frozen teacher sees un-augmented images: its codes are computed once, here (common.py)
-    loss_fn = distill_loss_fn(train_model, teacher, x_distill, distill_data, cache=not args.recompute_teacher,
-                              compile=args.compile != "none")
+        train_model = compiled(train_model, [(normalize(x_distill[:b], distill_data),) for b in batch_sizes])
+    loss_fn = make_loss(train_model, teacher, x_distill, distill_data, cache=not args.recompute_teacher,
+                        compile_batches=batch_sizes if args.compile != "none" else ())
 
-    # ------------------------------------------------------------------ probes (§3, App. C.1)
-    def features(encoder):   # under torchrun each rank embeds its slice; all get all features
-        return tuple(gather_rows(extract_features(encoder, shard(x), data, device=device), len(x))
-                     for x in (x_ptr, x_pte))
+    # ============ probes: teacher once, input once, student at every point (§3) ============
+    teacher_features = embed(teacher.encoder, probe_data)   # the teacher never changes: embed once
+    teacher_stats = representation_stats(teacher, x_diagnose, probe_data)
 
-    def probe(feats, seed):
-        (f_tr, f_te), c = feats, data["num_classes"]
-        # raw features are the paper's probe; standardized ones (train mean/std) were probed too by the authors
-        return dict(linear=linear_probe(f_tr, y_ptr, f_te, y_pte, c, seed=seed),
-                    linear_std=linear_probe(f_tr, y_ptr, f_te, y_pte, c, seed=seed, standardize=True),
-                    knn=knn_probe(f_tr, y_ptr, f_te, y_pte, args.knn_k, "l2", c),
-                    knn_cos=knn_probe(f_tr, y_ptr, f_te, y_pte, args.knn_k, "cosine", c))
-
-    teacher_feats = features(teacher.encoder)         # the teacher never changes: extract once
-    steps_per_epoch = math.ceil(len(x_distill) / args.batch_size)
-
-    def evaluate(epoch, train_stats):
-        """The metrics row on rank 0 (None on the others, which only help embed)."""
-        student_feats = features(student.encoder)
-        input_feats = features(make_encoder("flatten", img_size=img_size)) if epoch == 0 else None
-        if rank != 0:
-            return None
-        # the teacher is re-probed with each point's seed: its curve shows the probe's own noise (Fig. 1)
-        row = dict(epoch=epoch, step=epoch * steps_per_epoch, **train_stats,
+    def metrics_row(step, train_stats):
+        row = dict(step=step, epoch=step // steps_per_epoch if step % steps_per_epoch == 0
+                   else round(step / steps_per_epoch, 4), **train_stats,
                    dist_from_init=(flat_params(student) - theta0).norm().item())
-        row.update({f"student_{k}": v for k, v in probe(student_feats, args.seed + epoch).items()})
-        row.update({f"teacher_{k}": v for k, v in probe(teacher_feats, args.seed + epoch).items()})
-        if epoch == 0:   # the flattened-input baseline of Table 1, once per run
-            row.update({f"input_{k}": v for k, v in probe(input_feats, args.seed).items()})
-            row["n_distill"] = len(x_distill)   # the dataset size of Fig. 4
+        student_probe = probe(embed(student.encoder, probe_data), probe_data, args.knn_k, args.seed + step)
+        # the teacher is re-probed with each point's seed: its curve shows the linear probe's own noise (Fig. 1)
+        teacher_probe = probe(teacher_features, probe_data, args.knn_k, args.seed + step)
+        row.update({f"student_{k}": v for k, v in student_probe.items()})
+        row.update({f"teacher_{k}": v for k, v in teacher_probe.items()})
+        row.update({f"student_{k}": v for k, v in representation_stats(student, x_diagnose, probe_data).items()})
+        row.update({f"teacher_{k}": v for k, v in teacher_stats.items()})
         return row
 
-    def checkpoint(epoch, path, with_optimizer):
-        if rank != 0:
-            return
-        state = dict(config=config, args=vars(args), epoch=epoch, best=best,
-                     student=student.state_dict(), teacher=teacher.state_dict())
-        if with_optimizer:
-            state["optimizer"] = optimizer.state_dict()
-        atomic_save(state, path)
-
-    def log(row):
-        nonlocal best
-        if row is None:   # not rank 0
-            return
-        metrics.append(row)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if row["student_linear"] > best:
-            best = row["student_linear"]
-            checkpoint(row["epoch"], best_path, with_optimizer=False)
-        plot_curves(metrics, os.path.join(args.out, "fig1.png"), args)
-        tqdm.write(f"epoch {row['epoch']:4d} | ce {row['ce']:.6f} kl {row['kl']:.3e} "
-                   f"dist {row['dist_from_init']:.3f} | linear student {row['student_linear']:.2%} "
-                   f"teacher {row['teacher_linear']:.2%} | k-NN student {row['student_knn']:.2%} "
-                   f"teacher {row['teacher_knn']:.2%}")
-
-    if rank == 0:   # written once the inputs checked out
-        write_json(os.path.join(args.out, "args.json"), vars(args))
-    if ckpt is None:   # epoch 0: the untrained student on the first 2048 distillation images
-        student.eval()
-        with torch.no_grad():
-            x0 = normalize(x_distill[:2048], distill_data)
-            ce, kl, ent = (v.item() for v in distillation_loss(student(x0), teacher(x0)))
-        log(evaluate(0, dict(ce=ce, kl=kl, teacher_entropy=ent)))
-        checkpoint(0, last_path, with_optimizer=True)
-
-    # ------------------------------------------------------------------ distillation
+    # ============ distillation, probing at each point ============
     t0 = time.time()
-    bar = tqdm(total=args.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
-               desc=f"distill {args.arch}", dynamic_ncols=True, disable=rank != 0)
-    for epoch in range(start_epoch + 1, args.epochs + 1):
-        stats = train_epoch(student, optimizer, loss_fn, len(x_distill), args.batch_size,
-                            args.seed, epoch, device, bar)
-        stats["ce"] = stats.pop("loss")
-        if epoch % args.probe_every == 0 or epoch == args.epochs:
-            log(evaluate(epoch, stats))
-            checkpoint(epoch, last_path, with_optimizer=True)
+    bar = tqdm(total=total, initial=step, desc=f"distill {args.arch}", dynamic_ncols=True, disable=not master)
+    points = probe_points(step, total, steps_per_epoch, args.probe_every, args.probe_steps)
+    for stop in ([0] if ckpt is None else []) + points:
+        if stop == 0:   # the untrained student, its loss on the first 2048 distillation images
+            student.eval()
+            with torch.no_grad(), autocast(device):
+                x0 = normalize(x_distill[:2048], distill_data)
+                ce, kl, entropy = (v.item() for v in distillation_loss(student(x0), teacher(x0)))
+            row = metrics_row(0, dict(ce=ce, kl=kl, teacher_entropy=entropy))
+            input_probe = probe(embed(make_encoder("flatten", img_size=img_size), probe_data), probe_data,
+                                args.knn_k, args.seed)
+            row.update({f"input_{k}": v for k, v in input_probe.items()})   # Table 1's input baseline, once
+            row["n_distill"] = len(x_distill)                                # the dataset size of Fig. 4
+        else:
+            batches = step_batches(len(x_distill), args.batch_size, args.seed, step, stop, device)
+            try:
+                train_stats = train_steps(student, optimizer, loss_fn, batches, bar)
+            except NonFiniteLoss as e:
+                raise UserError(f"{e}; {last_path} (step {step}) is kept") from None
+            step = stop
+            train_stats["ce"] = train_stats.pop("loss")
+            row = metrics_row(step, {**train_stats, **adam_update_stats(optimizer)})
+        metrics.append(row)
+        if master:
+            append_jsonl(metrics_path, row)
+            if row["student_linear"] > best:   # the authors' selection: best raw linear probe
+                best = row["student_linear"]
+                save_state(best_path, config, args, step, row["epoch"], best, student, teacher)
+            save_state(last_path, config, args, step, row["epoch"], best, student, teacher, optimizer)
+            plot_curves(metrics, os.path.join(args.out, "fig1.png"), args)
+            tqdm.write(f"step {step:6d} | ce {row['ce']:.6f} kl {row['kl']:.3e} dist {row['dist_from_init']:.3f} "
+                       f"| linear student {row['student_linear']:.2%} teacher {row['teacher_linear']:.2%} "
+                       f"| k-NN student {row['student_knn']:.2%} teacher {row['teacher_knn']:.2%} "
+                       f"| embed {row['student_embed_norm']:.3g} full-lr {row.get('full_lr_frac', 0):.3f}")
     bar.close()
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    if rank != 0:
-        return []
 
+    # ============ summary ============
     final = metrics[-1]
-    print(f"{args.arch} alpha={args.alpha:g} on {args.dataset}, epoch {final['epoch']}: linear probe "
-          f"student {final['student_linear']:.2%} / teacher {final['teacher_linear']:.2%} / "
-          f"input {metrics[0]['input_linear']:.2%}; k-NN student {final['student_knn']:.2%} / "
-          f"teacher {final['teacher_knn']:.2%} / input {metrics[0]['input_knn']:.2%} "
-          f"({time.time() - t0:.0f} s) -> {args.out}")
+    if master:
+        print(f"{args.arch} alpha={args.alpha:g} on {args.dataset}, step {final['step']}: linear probe "
+              f"student {final['student_linear']:.2%} / teacher {final['teacher_linear']:.2%} / "
+              f"input {metrics[0]['input_linear']:.2%}; k-NN student {final['student_knn']:.2%} / "
+              f"teacher {final['teacher_knn']:.2%} / input {metrics[0]['input_knn']:.2%} "
+              f"({time.time() - t0:.0f} s) -> {args.out}")
+        release_run_dir(args.out)
     return metrics
 
 
@@ -307,33 +448,24 @@ def plot_curves(metrics, path, args):
     """Fig. 1: probing accuracy over training for teacher, student and the flattened input."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
-    epochs = [m["epoch"] for m in metrics]
-    titles = ["linear probe", f"k-NN probe (k={args.knn_k}, L2)"]
-    for ax, probe_name, title in zip(axes, ["linear", "knn"], titles):
-        ax.plot(epochs, [m[f"student_{probe_name}"] for m in metrics], "o-", label="student", color="C3")
-        ax.plot(epochs, [m[f"teacher_{probe_name}"] for m in metrics], "o-", label="teacher", color="C0")
-        ax.axhline(metrics[0][f"input_{probe_name}"], ls="--", color="gray", label="input")
-        ax.set(xlabel="epoch", ylabel="probing accuracy", title=title)
+    steps = [m["step"] for m in metrics]
+    for ax, probe_name, title in zip(axes, ["linear", "knn"], ["linear probe", f"k-NN probe (k={args.knn_k}, L2)"]):
+        ax.plot(steps, [100 * m[f"student_{probe_name}"] for m in metrics], "o-", label="student", color="C3")
+        ax.plot(steps, [100 * m[f"teacher_{probe_name}"] for m in metrics], "o-", label="teacher", color="C0")
+        ax.axhline(100 * metrics[0][f"input_{probe_name}"], ls="--", color="gray", label="input")
+        ax.set(xlabel="step", ylabel="probing accuracy (%)", title=title)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"{args.arch}, alpha={args.alpha:g}, {args.dataset}, bottleneck {args.bottleneck}")
+    fig.suptitle(f"{args.arch}, alpha={args.alpha:g}, {args.dataset} ({metrics[0]['n_distill']} images, batch "
+                 f"{args.batch_size}), bottleneck {args.bottleneck}")
     save_figure(fig, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Sweep summaries. Each run's args.json says what it is; the argument that differs between runs
-# that otherwise agree is the sweep variable, and it picks the figure.
+# ============ sweep figures (Fig. 3, 4, 10, 11, 12, 17, 18) ============
+# Each run's args.json says what it is; the argument that differs between runs that otherwise
+# agree is the sweep variable, and it picks the figure (FIGURES, at the end).
 
-SWEEPS = {   # variable: (figure, what it shows)
-    "alpha": ("fig3", "final probing accuracy vs locality alpha, teacher dashed (Fig. 3; and fig17.png)"),
-    "n_samples": ("fig4", "final probing accuracy vs dataset size, real vs Gaussian inputs (Fig. 4)"),
-    "out_dim": ("fig10", "probing accuracy over training per output dim m (Fig. 10)"),
-    "norm": ("fig11", "probing accuracy over training per normalization layer (Fig. 11)"),
-    "bottleneck": ("fig12", "probing accuracy over training per L2-bottleneck spec (Fig. 12)"),
-    "teacher_ckpt": ("fig18", "KL, distance from init and probing accuracy, first vs second round (Fig. 18)"),
-}
-NOT_SWEPT = {"out", "device", "epochs", "probe_every", "data_root", "compile", "channels_last",
-             "recompute_teacher", "plot"}
+NOT_SWEPT = RESUMABLE | {"plot", "precision"}
 
 
 def load_runs(dirs):
@@ -342,8 +474,7 @@ def load_runs(dirs):
         try:
             with open(os.path.join(d, "args.json")) as f:
                 a = json.load(f)
-            with open(os.path.join(d, "metrics.jsonl")) as f:
-                m = [json.loads(line) for line in f]
+            m = read_jsonl(os.path.join(d, "metrics.jsonl"))
         except (OSError, ValueError) as e:
             raise UserError(f"{d}: not a distill.py run directory ({type(e).__name__}: args.json and "
                             f"metrics.jsonl needed)") from None
@@ -352,108 +483,176 @@ def load_runs(dirs):
     return runs
 
 
-def sweep_groups(runs, var):
-    """Runs that agree on every argument but `var` (and, for Fig. 4, the input kind), grouped."""
-    keys = sorted({k for r in runs for k in r["args"]} - NOT_SWEPT - {var})
-    if var == "n_samples":
-        keys.remove("dataset")
-    if var == "alpha":   # the student's seed only matters through alpha
-        keys.remove("student_seed")
+def sweep_groups(runs, var, ignore=()):
+    """Groups of runs that agree on every argument but `var` (and `ignore`) and differ in `var`."""
+    keys = sorted({k for r in runs for k in r["args"]} - NOT_SWEPT - {var, *ignore})
     groups = {}
     for r in runs:
         groups.setdefault(tuple(json.dumps(r["args"].get(k)) for k in keys), []).append(r)
-    label = lambda r: ", ".join(f"{k}={r['args'].get(k)}" for k in ("arch", "dataset") if k in keys)
-    return [(label(g[0]), g) for g in groups.values() if len({json.dumps(r["args"][var]) for r in g}) > 1]
+    return [g for g in groups.values() if len({json.dumps(r["args"][var]) for r in g}) > 1]
+
+
+def final_row(r, **extra):
+    """A run's last metrics row, as the sweep summaries (sweeps.json) list it."""
+    f = r["final"]
+    return dict(run=r["dir"], **extra, step=f["step"], epoch=f["epoch"],
+                **{k: f[k] for k in ("student_linear", "student_knn", "teacher_linear", "teacher_knn", "kl",
+                                     "dist_from_init") if k in f},
+                input_linear=r["first"].get("input_linear"), input_knn=r["first"].get("input_knn"))
+
+
+def scale(g):
+    """What a panel title says of its runs' scale."""
+    a, f = g[0]["args"], g[0]["final"]
+    return f"{a['arch']}, {a['dataset']}, {g[0]['first'].get('n_distill', '?')} images, {f['step']} steps"
+
+
+def references(ax, g, probe_name, final=True):
+    """Teacher (dashed) and input (dotted) lines: the two baselines the student must beat (Table 1)."""
+    ax.axhline(100 * statistics.fmean(r["final" if final else "first"][f"teacher_{probe_name}"] for r in g),
+               ls="--", color="C0", label="teacher")
+    if g[0]["first"].get(f"input_{probe_name}") is not None:
+        ax.axhline(100 * g[0]["first"][f"input_{probe_name}"], ls=":", color="gray", label="input")
+
+
+PROBES = [("linear", "linear probe (%)"), ("knn", "k-NN probe (%)")]
+
+
+def plot_fig3(groups, out):
+    """Fig. 3: final probing accuracy vs locality alpha; Fig. 17: final KL and distance from init."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.8 * len(groups)), squeeze=False)
+    fig17, axes17 = plt.subplots(len(groups), 2, figsize=(10, 3.6 * len(groups)), squeeze=False)
+    rows = []
+    for j, g in enumerate(groups):
+        g = sorted(g, key=lambda r: r["args"]["alpha"])
+        alphas = [r["args"]["alpha"] for r in g]
+        for ax, (probe_name, label) in zip(axes[j], PROBES):
+            ax.plot(alphas, [100 * r["final"][f"student_{probe_name}"] for r in g], "o-", color="C3", label="student")
+            references(ax, g, probe_name)
+            ax.set(xlabel="locality alpha", ylabel=label, title=scale(g))
+            ax.legend(fontsize=8)
+        axes17[j, 0].semilogy(alphas, [max(r["final"]["kl"], 1e-12) for r in g], "o-")
+        axes17[j, 1].plot(alphas, [r["final"]["dist_from_init"] for r in g], "o-")
+        axes17[j, 0].set(xlabel="locality alpha", ylabel="KL(teacher || student), final", title=scale(g))
+        axes17[j, 1].set(xlabel="locality alpha", ylabel="distance from init, final")
+        rows += [final_row(r, alpha=r["args"]["alpha"]) for r in g]
+    fig.suptitle("Fig. 3: probing accuracy vs locality of the student's init", fontsize=10)
+    fig17.suptitle("Fig. 17: KL divergence and distance from init vs locality alpha", fontsize=10)
+    save_figure(fig, os.path.join(out, "fig3.png"), dpi=110)
+    save_figure(fig17, os.path.join(out, "fig17.png"), dpi=110)
+    return rows
+
+
+def plot_fig4(groups, out):
+    """Fig. 4: final probing accuracy vs distillation set size, real images vs Gaussian noise."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.8 * len(groups)), squeeze=False)
+    size = lambda r: r["args"]["n_samples"] or r["first"].get("n_distill", 0)
+    rows = []
+    for j, g in enumerate(groups):
+        for ax, (probe_name, label) in zip(axes[j], PROBES):
+            for noise, name in ((False, "real images"), (True, "Gaussian inputs")):
+                sub = sorted((r for r in g if (r["args"]["dataset"] == NOISE) == noise), key=size)
+                if sub:
+                    ax.plot([size(r) for r in sub], [100 * r["final"][f"student_{probe_name}"] for r in sub], "o-",
+                            label=f"student, {name}", color="C3" if not noise else "C1")
+            references(ax, g, probe_name)
+            ax.set(xscale="log", xlabel="distillation images", ylabel=label, title=scale(g).split(",")[0])
+            ax.legend(fontsize=8)
+        rows += [final_row(r, n_samples=size(r), dataset=r["args"]["dataset"]) for r in sorted(g, key=size)]
+    fig.suptitle("Fig. 4: the student's features need real data (Gaussian inputs at the same sizes)", fontsize=10)
+    save_figure(fig, os.path.join(out, "fig4.png"), dpi=110)
+    return rows
+
+
+def plot_over_training(groups, var, title, path):
+    """Fig. 10-12: probing accuracy over training, one curve per value of `var`."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.8 * len(groups)), squeeze=False)
+    rows = []
+    for j, g in enumerate(groups):
+        g = sorted(g, key=lambda r: (r["args"][var] is None, str(r["args"][var]).zfill(8)))
+        for ax, (probe_name, label) in zip(axes[j], PROBES):
+            for r in g:
+                ax.plot([m["step"] for m in r["metrics"]], [100 * m[f"student_{probe_name}"] for m in r["metrics"]],
+                        "o-", ms=3, label=str(r["args"][var] if r["args"][var] is not None else "default"))
+            references(ax, g, probe_name, final=False)
+            ax.set(xlabel="step", ylabel=label, title=scale(g))
+            ax.legend(fontsize=7, title=var.replace("_", " "), ncol=2)
+        rows += [final_row(r, **{var: r["args"][var]}) for r in g]
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path, dpi=110)
+    return rows
+
+
+def plot_fig10(groups, out):
+    return plot_over_training(groups, "out_dim", "Fig. 10: probing accuracy per output dimension m",
+                              os.path.join(out, "fig10.png"))
+
+
+def plot_fig11(groups, out):
+    return plot_over_training(groups, "norm", "Fig. 11: probing accuracy per normalization layer",
+                              os.path.join(out, "fig11.png"))
+
+
+def plot_fig12(groups, out):
+    return plot_over_training(groups, "bottleneck", "Fig. 12: probing accuracy per L2-bottleneck spec "
+                              "(bits wn1 lin1 fn1 wn2 lin2 fn2)", os.path.join(out, "fig12.png"))
+
+
+def plot_fig18(pairs, out):
+    """Fig. 18: KL, distance from init and probing accuracy of a first round and of the second
+    round that took its student as teacher (App. D.1)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(3, 2 * len(pairs), figsize=(9 * len(pairs), 9), squeeze=False)
+    rows = []
+    for j, pair in enumerate(pairs):
+        for k, r in enumerate(pair):
+            col, steps = axes[:, 2 * j + k], [m["step"] for m in r["metrics"]]
+            col[0].semilogy(steps, [max(m["kl"], 1e-12) for m in r["metrics"]], "o-")
+            col[1].plot(steps, [m["dist_from_init"] for m in r["metrics"]], "o-")
+            col[2].plot(steps, [100 * m["student_linear"] for m in r["metrics"]], "o-", color="C3", label="student")
+            col[2].plot(steps, [100 * m["teacher_linear"] for m in r["metrics"]], "o-", color="C0", label="teacher")
+            col[0].set(title=f"{scale([r])}: round {k + 1}", ylabel="KL(teacher || student)")
+            col[1].set(ylabel="distance from init")
+            col[2].set(xlabel="step", ylabel="linear probe (%)")
+            col[2].legend(fontsize=8)
+            rows.append(final_row(r, round=k + 1))
+    fig.suptitle("Fig. 18: a trained student as the teacher of a second round", fontsize=10)
+    save_figure(fig, os.path.join(out, "fig18.png"), dpi=110)
+    return rows
+
+
+def restart_pairs(runs):
+    """(first round, second round) for every run whose --teacher-ckpt is another run's checkpoint."""
+    by_dir = {r["dir"]: r for r in runs}
+    firsts = [(os.path.normpath(os.path.dirname(r["args"]["teacher_ckpt"])), r) for r in runs if r["args"].get("teacher_ckpt")]
+    return [[by_dir[d], r] for d, r in firsts if d in by_dir]
+
+
+FIGURES = {   # sweep variable: (figure, the runs' grouping, its plotting function)
+    "alpha": ("fig3", lambda runs: sweep_groups(runs, "alpha", ignore=["student_seed"]), plot_fig3),
+    "n_samples": ("fig4", lambda runs: sweep_groups(runs, "n_samples", ignore=["dataset"]), plot_fig4),
+    "out_dim": ("fig10", lambda runs: sweep_groups(runs, "out_dim"), plot_fig10),
+    "norm": ("fig11", lambda runs: sweep_groups(runs, "norm"), plot_fig11),
+    "bottleneck": ("fig12", lambda runs: sweep_groups(runs, "bottleneck"), plot_fig12),
+    "teacher_ckpt": ("fig18", restart_pairs, plot_fig18),
+}
 
 
 def plot_sweeps(dirs, out):
     """Draw every sweep figure the runs make up; returns {figure: [rows]} (also <out>/sweeps.json)."""
-    plt = pyplot()
     runs = load_runs(dirs)
     summary = {}
-    for var, (fig_name, what) in SWEEPS.items():
-        groups = [(label, g) for label, g in sweep_groups(runs, var)]
-        if var == "teacher_ckpt":   # pair each second round with the first round it restarted from
-            by_dir = {r["dir"]: r for r in runs}
-            groups = [(f"{r['args']['arch']}", [by_dir[first], r]) for r in runs if r["args"].get("teacher_ckpt")
-                      for first in [os.path.normpath(os.path.dirname(r["args"]["teacher_ckpt"]))] if first in by_dir]
-        if not groups:
-            continue
-        rows = []
-        if var == "teacher_ckpt":
-            fig, axes = plt.subplots(3, 2 * len(groups), figsize=(4.5 * 2 * len(groups), 9), squeeze=False)
-            for j, (label, (first, second)) in enumerate(groups):
-                for k, (r, title) in enumerate([(first, "first round"), (second, "second round")]):
-                    col = axes[:, 2 * j + k]
-                    ep = [m["epoch"] for m in r["metrics"]]
-                    col[0].semilogy(ep, [max(m["kl"], 1e-12) for m in r["metrics"]], "o-")
-                    col[1].plot(ep, [m["dist_from_init"] for m in r["metrics"]], "o-")
-                    col[2].plot(ep, [m["student_linear"] for m in r["metrics"]], "o-", color="C3", label="student")
-                    col[2].plot(ep, [m["teacher_linear"] for m in r["metrics"]], "o-", color="C0", label="teacher")
-                    col[0].set(title=f"{label}: {title}", ylabel="kl divergence")
-                    col[1].set(ylabel="distance from init")
-                    col[2].set(xlabel="epoch", ylabel="probing accuracy")
-                    rows.append(dict(run=r["dir"], round=k + 1, kl=r["final"]["kl"],
-                                     dist_from_init=r["final"]["dist_from_init"],
-                                     student_linear=r["final"]["student_linear"],
-                                     teacher_linear=r["final"]["teacher_linear"]))
-                col[2].legend()
-        elif var in ("alpha", "n_samples"):
-            fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)
-            if var == "alpha":   # Fig. 17: the optimization metrics of the same runs
-                fig17, axes17 = plt.subplots(2, len(groups), figsize=(5 * len(groups), 7), squeeze=False)
-            for j, (label, g) in enumerate(groups):
-                kinds = sorted({r["args"]["dataset"] == NOISE for r in g}) if var == "n_samples" else [False]
-                for noise in kinds:
-                    size = lambda r: r["args"][var] if r["args"][var] is not None else r["first"].get("n_distill", 0)
-                    sub = sorted((r for r in g if var != "n_samples" or (r["args"]["dataset"] == NOISE) == noise),
-                                 key=size)
-                    x = [size(r) for r in sub]
-                    name = ("Gaussian inputs" if noise else "real data") if var == "n_samples" else "student"
-                    axes[0, j].plot(x, [r["final"]["student_linear"] for r in sub], "o-", label=name)
-                    if var == "alpha":
-                        axes17[0, j].semilogy(x, [max(r["final"]["kl"], 1e-12) for r in sub], "o-")
-                        axes17[1, j].plot(x, [r["final"]["dist_from_init"] for r in sub], "o-")
-                    rows += [dict(run=r["dir"], **{var: size(r)}, dataset=r["args"]["dataset"],
-                                  epoch=r["final"]["epoch"], student_linear=r["final"]["student_linear"],
-                                  student_knn=r["final"]["student_knn"], teacher_linear=r["final"]["teacher_linear"],
-                                  kl=r["final"]["kl"], dist_from_init=r["final"]["dist_from_init"]) for r in sub]
-                teacher = sum(r["final"]["teacher_linear"] for r in g) / len(g)
-                axes[0, j].axhline(teacher, ls="--", color="C0", label="teacher")
-                axes[0, j].axhline(g[0]["first"]["input_linear"], ls=":", color="gray", label="input")
-                axes[0, j].set(title=label, ylabel="probing accuracy (linear)")
-                if var == "n_samples":
-                    axes[0, j].set_xscale("log")
-                    axes[0, j].set_xlabel("dataset size")
-                else:
-                    axes[0, j].set_xlabel("alpha")
-                    axes17[0, j].set(title=label, ylabel="kl divergence (final)")
-                    axes17[1, j].set(ylabel="distance from init (final)", xlabel="alpha")
-                axes[0, j].legend(fontsize=8)
-        else:   # curves over training, one per value
-            fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)
-            for j, (label, g) in enumerate(groups):
-                for r in sorted(g, key=lambda r: str(r["args"][var])):
-                    ep = [m["epoch"] for m in r["metrics"]]
-                    axes[0, j].plot(ep, [m["student_linear"] for m in r["metrics"]], "o-", ms=3,
-                                    label=str(r["args"][var] or "default"))
-                    rows.append(dict(run=r["dir"], **{var: r["args"][var]}, epoch=r["final"]["epoch"],
-                                     student_linear=r["final"]["student_linear"],
-                                     student_knn=r["final"]["student_knn"]))
-                axes[0, j].axhline(g[0]["first"]["teacher_linear"], ls="--", color="gray", label="teacher")
-                axes[0, j].set(title=label, xlabel="epoch", ylabel="probing accuracy (linear)")
-                axes[0, j].legend(fontsize=7, title=var)
-        fig.suptitle(what, fontsize=9)
-        save_figure(fig, os.path.join(out, f"{fig_name}.png"), dpi=110)
-        if var == "alpha":
-            fig17.suptitle("KL divergence and distance from init vs locality alpha (Fig. 17)", fontsize=9)
-            save_figure(fig17, os.path.join(out, "fig17.png"), dpi=110)
-            print(f"{out}/fig17.png: KL and distance from init vs alpha")
-        summary[fig_name] = rows
-        print(f"{out}/{fig_name}.png: {what}, {len(rows)} runs")
+    for var, (name, group, plot) in FIGURES.items():
+        groups = group(runs)
+        if groups:
+            summary[name] = plot(groups, out)
+            print(f"{out}/{name}.png: {len(summary[name])} runs swept over --{var.replace('_', '-')}")
     if not summary:
         raise UserError("these runs form no sweep: runs of one sweep differ in exactly one of "
-                        + ", ".join("--" + v.replace("_", "-") for v in SWEEPS) + " and agree otherwise")
+                        + ", ".join("--" + v.replace("_", "-") for v in FIGURES) + " and agree otherwise")
     write_json(os.path.join(out, "sweeps.json"), summary)
     return summary
 

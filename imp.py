@@ -19,17 +19,18 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import (add_supervised_args, arg_parser, atomic_save, check_supervised_args, pyplot, run_main,
-                    save_figure, setup_device, sgd, supervised_epoch, supervised_start, UserError, write_json)
+from common import (add_supervised_args, arg_parser, at_least, atomic_save, check_supervised_args, open_run_dir,
+                    pyplot, read_jsonl, release_run_dir, run_main, save_figure, setup_device, sgd, supervised_epoch,
+                    supervised_start, UserError)
 
 
 def parse_args(argv=None):
     p = arg_parser(__doc__)
     add_supervised_args(p, "Fig. 8", "classifier init, fresh init, data order, augmentation",
                         "runs/imp_<arch>_<init>_l<rewind>")
-    p.add_argument("--rewind-epochs", type=int, default=0,
+    p.add_argument("--rewind-epochs", type=at_least(0), default=0,
                    help="ℓ: every round restarts from the weights after ℓ dense epochs (Fig. 8: 0, 1, 2, 5)")
-    p.add_argument("--rounds", type=int, default=15, help="pruning rounds; density 0.8^k after round k")
+    p.add_argument("--rounds", type=at_least(0), default=15, help="pruning rounds; density 0.8^k after round k")
     p.add_argument("--prune-fraction", type=float, default=0.2, help="of the remaining weights, per round")
     p.add_argument("--prune-all", action="store_true",
                    help="prune every parameter (the authors' runs) instead of conv/linear weights only")
@@ -80,14 +81,25 @@ def density(masks):
     return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
 
 
+def write_rows(path, rows):
+    """metrics.jsonl rewritten whole (temp file + rename): it always matches the state file."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
 # ---------------------------------------------------------------------------------------------
+
+# A rerun may change these and still resume; any other difference means another experiment.
+RESUMABLE = {"device", "out", "plot", "rounds"}   # more rounds extend the same IMP run
+
 
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:   # save_figure creates --out
         return plot_fig8(args.plot, os.path.join(args.out, "fig8.png"))
-    device = setup_device(args.device)
-    os.makedirs(args.out, exist_ok=True)
+    device = setup_device(args.device, args.precision)
+    open_run_dir(args.out, vars(args), RESUMABLE)
     state_path, metrics_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "metrics.jsonl")
 
     state = None
@@ -95,16 +107,10 @@ def main(argv=None):
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UserError(f"{state_path} is not readable ({type(e).__name__}); move it away to start over")
-        old = {k: v for k, v in state["args"].items() if k not in ("device", "out")}
-        new = {k: v for k, v in vars(args).items() if k not in ("device", "out")}
-        if old != new:
-            raise UserError(f"{args.out} holds an IMP run with other arguments; "
-                            f"rerun with those or pick another --out")
+            raise UserError(f"{state_path} is not readable ({type(e).__name__}); move it away to start over") from None
 
     # ------------------------------------------------------------------ data and the starting point
     model, data = supervised_start(args, device, torch.Generator().manual_seed(args.seed))
-    write_json(os.path.join(args.out, "args.json"), vars(args))
     optimizer = sgd(model, args.weight_decay)
     steps_per_epoch = -(-len(data["y_train"]) // args.batch_size)
 
@@ -122,10 +128,12 @@ def main(argv=None):
             with tqdm(total=args.rewind_epochs * steps_per_epoch, desc="rewind point", dynamic_ncols=True) as bar:
                 for epoch in range(1, args.rewind_epochs + 1):
                     train(epoch, masks, bar)
-        state = dict(args=vars(args), round=0, epoch=args.rewind_epochs, accs=[], masks=masks,
+        state = dict(args=vars(args), round=0, epoch=args.rewind_epochs, accs=[], masks=masks, rows=[],
                      rewind={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                      model=None, optimizer=None)
-        open(metrics_path, "w").close()
+    if "rows" not in state:   # a state file written before rows were kept in it
+        state["rows"] = read_jsonl(metrics_path)[:state["round"]] if os.path.exists(metrics_path) else []
+    write_rows(metrics_path, state["rows"])   # the rounds the state has finished, no more, no fewer
     masks = {k: v.to(device) for k, v in state["masks"].items()}
     if state["model"] is None:   # the start of a round: rewind the survivors (Frankle et al. 2019)
         model.load_state_dict(state["rewind"])
@@ -145,8 +153,6 @@ def main(argv=None):
             atomic_save(state, state_path)   # resume point: this round, this epoch
         row = dict(round=rnd, density=density(masks), final_acc=state["accs"][-1], best_acc=max(state["accs"]),
                    rewind_epochs=args.rewind_epochs, init=args.init.split(":")[0])
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
         tqdm.write(f"round {rnd}: {row['density']:.2%} weights remaining, test acc {row['final_acc']:.2%} "
                    f"(best {row['best_acc']:.2%})")
         atomic_save(dict(arch=args.arch, round=rnd, density=row["density"], model=model.state_dict(), masks=masks),
@@ -156,11 +162,15 @@ def main(argv=None):
         model.load_state_dict(state["rewind"])
         apply_masks(model, masks)
         optimizer.state.clear()   # fresh momentum for the next round
-        state.update(round=rnd + 1, epoch=args.rewind_epochs, accs=[], masks=masks, model=None, optimizer=None)
+        # the row and the next round's state advance together: a kill in between repeats neither
+        state.update(round=rnd + 1, epoch=args.rewind_epochs, accs=[], masks=masks, model=None, optimizer=None,
+                     rows=[*state["rows"], row])
         atomic_save(state, state_path)
+        write_rows(metrics_path, state["rows"])
     bar.close()
-    rows = [json.loads(line) for line in open(metrics_path)]
+    rows = state["rows"]
     plot_fig8([args.out], os.path.join(args.out, "fig8.png"))
+    release_run_dir(args.out)
     print(f"IMP {args.arch} init={args.init} rewind={args.rewind_epochs}: "
           + ", ".join(f"{r['density']:.1%}: {r['final_acc']:.2%}" for r in rows) + f" -> {args.out}")
     return rows
@@ -171,8 +181,7 @@ def plot_fig8(run_dirs, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for d in run_dirs:
-        rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))] \
-            if os.path.exists(os.path.join(d, "metrics.jsonl")) else []
+        rows = read_jsonl(os.path.join(d, "metrics.jsonl")) if os.path.exists(os.path.join(d, "metrics.jsonl")) else []
         if not rows:
             continue
         label = f"init θ*_S (student), ℓ={rows[0]['rewind_epochs']}" if rows[0]["init"] == "student" \

@@ -27,7 +27,7 @@ import time
 import torch
 from torch.func import functional_call, vmap
 
-from common import (DATASETS, arg_parser, atomic_save, autocast, balanced_subset, distillation_loss,
+from common import (DATASETS, PRECISIONS, arg_parser, at_least, open_run_dir, positive, release_run_dir, atomic_save, autocast, balanced_subset, distillation_loss,
                     linear_probe, load_checkpoint, load_dataset, locality_init, make_model,
                     model_from_checkpoint, normalize, probe_subset, pyplot, run_main, save_figure,
                     setup_device, UserError, write_json)
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--frame", default="interp", choices=["interp", "ortho"],
                    help="interp: theta = p0 + l1 (p1-p0) + l2 (p2-p0) (Fig. 5); ortho: orthonormal, "
                         "distance-preserving axes, origin at the plane's minimum-norm point (Fig. 13)")
-    p.add_argument("--resolution", type=int, default=21, help="grid points per axis")
+    p.add_argument("--resolution", type=at_least(2), default=21, help="grid points per axis")
     p.add_argument("--xlim", type=float, nargs=2, default=None, help="default: the three points plus a margin")
     p.add_argument("--ylim", type=float, nargs=2, default=None)
     p.add_argument("--encoder", action="store_true", help="also the KL between embeddings (Fig. 15)")
@@ -52,23 +52,24 @@ def parse_args(argv=None):
     p.add_argument("--arch", default=None, help="checked against the checkpoints (default: theirs)")
     p.add_argument("--dataset", default="cifar10", help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--data-root", default="data")
-    p.add_argument("--eval-samples", type=int, default=2048, help="the fixed training subset of the KL")
-    p.add_argument("--probe-samples", type=int, nargs=2, default=[10000, 2000], metavar=("N_TRAIN", "N_TEST"),
+    p.add_argument("--eval-samples", type=at_least(1), default=2048,
+                   help="the fixed training subset of the KL (at most the dataset's balanced maximum)")
+    p.add_argument("--probe-samples", type=at_least(10), nargs=2, default=[10000, 2000], metavar=("N_TRAIN", "N_TEST"),
                    help="probe train/test subsets (class-balanced, fixed)")
-    p.add_argument("--epochs", type=int, default=10, help="linear-probe epochs (the authors': 10)")
-    p.add_argument("--lr", type=float, default=1e-3, help="linear-probe AdamW learning rate")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward (and linear-probe batch)")
-    p.add_argument("--points-per-batch", type=int, default=None,
+    p.add_argument("--epochs", type=at_least(1), default=10, help="linear-probe epochs (the authors': 10)")
+    p.add_argument("--lr", type=positive(), default=1e-3, help="linear-probe AdamW learning rate")
+    p.add_argument("--batch-size", type=at_least(1), default=256, help="images per forward (and linear-probe batch)")
+    p.add_argument("--points-per-batch", type=at_least(1), default=None,
                    help="grid points evaluated together in one vmapped forward (default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="probe seed and subsets")
     p.add_argument("--out", default="runs/landscape", help="run directory")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="numerics of the networks (distill.py's --precision; auto: tf32 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     for spec in args.points:
         if spec.split(":", 1)[0] not in KINDS or ":" not in spec:
             p.error(f"bad point {spec!r}: use KIND:PATH with KIND one of {', '.join(KINDS)}")
-    if args.resolution < 2:
-        p.error("--resolution must be at least 2")
     if args.dataset not in DATASETS:
         p.error(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
     return args
@@ -145,25 +146,25 @@ def default_lims(frame, anchors):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: P grid points per forward, their parameters stacked and the model vmapped over them.
+# Evaluation: several grid points per forward, their parameters stacked and the model vmapped over them.
 
-def evaluate_batch(model, stacked, weights, ev, args):
+def evaluate_batch(model, stacked, weights, fixed, args):
     """KL, probe accuracy (and embedding KL) at the grid points `weights` [P, 3]."""
-    w = weights.float().to(ev["device"])
+    w = weights.float().to(fixed["device"])
     params = {k: torch.einsum("pi,i...->p...", w, v) for k, v in stacked.items()}   # one-hot w: exact
     enc = {k[len("encoder."):]: v for k, v in params.items() if k.startswith("encoder.")}
     head = {k[len("head."):]: v for k, v in params.items() if k.startswith("head.")}
     # BN statistics: the first point's for every grid point, or (--buffers interpolate) combined like the parameters
     fixed = {k[len("encoder."):]: v for k, v in model.named_buffers() if k.startswith("encoder.")}
-    mixed = {k: torch.einsum("pi,i...->p...", w, v) for k, v in ev["buffers"].items()}
+    mixed = {k: torch.einsum("pi,i...->p...", w, v) for k, v in fixed["buffers"].items()}
     fixed = {k: v for k, v in fixed.items() if k not in mixed}
     embed = vmap(lambda p, b, x: functional_call(model.encoder, (p, b, fixed), (x,)), in_dims=(0, 0, None))
     project = vmap(lambda p, e: functional_call(model.head, (p,), (e,)))
 
     kl, embed_kl = torch.zeros(len(w), device=w.device), torch.zeros(len(w), device=w.device)   # synced once
-    for xb, t_logits, t_embed in zip(ev["x_eval"].split(args.batch_size), ev["t_logits"], ev["t_embed"]):
-        with torch.no_grad(), autocast(ev["device"]):
-            e = embed(enc, mixed, normalize(xb, ev["data"]))
+    for xb, t_logits, t_embed in zip(fixed["x_eval"].split(args.batch_size), fixed["t_logits"], fixed["t_embed"]):
+        with torch.no_grad(), autocast(fixed["device"]):
+            e = embed(enc, mixed, normalize(xb, fixed["data"]))
             s = project(head, e)
         for i in range(len(w)):   # batch means, weighted back into the subset's mean
             kl[i] += distillation_loss(s[i], t_logits)[1] * len(xb)
@@ -171,11 +172,11 @@ def evaluate_batch(model, stacked, weights, ev, args):
                 embed_kl[i] += distillation_loss(e[i], t_embed)[1] * len(xb)
 
     def features(x):   # [P, N, D]: every point's encoder on the probe images
-        with torch.no_grad(), autocast(ev["device"]):
-            return torch.cat([embed(enc, mixed, normalize(xb, ev["data"])).float() for xb in x.split(args.batch_size)], 1)
-    probe = linear_probe(features(ev["x_ptr"]), ev["y_ptr"], features(ev["x_pte"]), ev["y_pte"], ev["classes"],
+        with torch.no_grad(), autocast(fixed["device"]):
+            return torch.cat([embed(enc, mixed, normalize(xb, fixed["data"])).float() for xb in x.split(args.batch_size)], 1)
+    probe = linear_probe(features(fixed["x_probe_train"]), fixed["y_probe_train"], features(fixed["x_probe_test"]), fixed["y_probe_test"], fixed["classes"],
                          epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    kl, embed_kl = (kl.double() / len(ev["x_eval"])).tolist(), (embed_kl.double() / len(ev["x_eval"])).tolist()
+    kl, embed_kl = (kl.double() / len(fixed["x_eval"])).tolist(), (embed_kl.double() / len(fixed["x_eval"])).tolist()
     return [dict(kl=kl[i], probe=probe[i], **({"embed_kl": embed_kl[i]} if args.encoder else {})) for i in range(len(w))]
 
 
@@ -184,22 +185,28 @@ def fixed_data(args, ckpt, device):
     logits and embeddings on it (per batch, computed once), and the fixed probe subsets."""
     data = load_dataset(args.dataset, args.data_root, device, img_size=ckpt["config"]["img_size"])
     c = data["num_classes"]
-    x_eval = data["x_train"][balanced_subset(data["y_train"], max(args.eval_samples - args.eval_samples % c, c),
-                                             torch.Generator().manual_seed(args.seed))]
-    x_ptr, y_ptr = probe_subset(data["x_train"], data["y_train"], args.probe_samples[0], args.seed)
-    x_pte, y_pte = probe_subset(data["x_test"], data["y_test"], args.probe_samples[1], args.seed)
+    n_eval = max(args.eval_samples - args.eval_samples % c, c)   # class-balanced: a multiple of the classes
+    x_eval = data["x_train"][balanced_subset(data["y_train"], n_eval, torch.Generator().manual_seed(args.seed),
+                                             flag="--eval-samples")]
+    x_probe_train, y_probe_train = probe_subset(data["x_train"], data["y_train"], args.probe_samples[0], args.seed)
+    x_probe_test, y_probe_test = probe_subset(data["x_test"], data["y_test"], args.probe_samples[1], args.seed)
     teacher = model_from_checkpoint(ckpt, "teacher").to(device).eval()
     with torch.no_grad(), autocast(device):
         t_embed = [teacher.encoder(normalize(x, data)) for x in x_eval.split(args.batch_size)]
         t_logits = [teacher.head(e) for e in t_embed]
-    return dict(device=device, data=data, x_eval=x_eval, x_ptr=x_ptr, y_ptr=y_ptr, x_pte=x_pte, y_pte=y_pte,
+    return dict(device=device, data=data, x_eval=x_eval, x_probe_train=x_probe_train, y_probe_train=y_probe_train, x_probe_test=x_probe_test, y_probe_test=y_probe_test,
                 classes=c, t_logits=t_logits, t_embed=t_embed)
+
+
+# A rerun may change these and still resume the grid; any other difference means another experiment.
+RESUMABLE = {"out", "device", "points_per_batch"}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = setup_device(args.device)
-    P = args.points_per_batch or (8 if device.type == "cuda" else 1)
+    device = setup_device(args.device, args.precision)
+    open_run_dir(args.out, vars(args), RESUMABLE)
+    points_per_batch = args.points_per_batch or (8 if device.type == "cuda" else 1)
 
     # ------------------------------------------------------------------ the three points
     loaded = [load_point(s) for s in args.points]
@@ -227,65 +234,52 @@ def main(argv=None):
     xlim, ylim = args.xlim or xlim, args.ylim or ylim
     xs = torch.linspace(*xlim, args.resolution, dtype=torch.float64).tolist()
     ys = torch.linspace(*ylim, args.resolution, dtype=torch.float64).tolist()
-    W = grid_weights(args.frame, anchors, xs, ys)
+    weights = grid_weights(args.frame, anchors, xs, ys)
 
     # ------------------------------------------------------------------ fixed data, teacher outputs once
-    ev = fixed_data(args, ckpts[0], device)
-    ev["buffers"] = stacked_buffers
+    fixed = fixed_data(args, ckpts[0], device)
+    fixed["buffers"] = stacked_buffers
 
     # ------------------------------------------------------------------ the grid, resumable
-    os.makedirs(args.out, exist_ok=True)
     grid_path = os.path.join(args.out, "grid.pt")
     keys = ["kl", "probe", *(["embed_kl"] if args.encoder else [])]
-    key_args = {k: v for k, v in vars(args).items() if k not in ("out", "device", "points_per_batch")}
-    grid = dict(args=key_args, xs=xs, ys=ys, weights=W, done=torch.zeros(len(W), dtype=torch.bool),
-                **{k: torch.full((len(W),), float("nan"), dtype=torch.float64) for k in keys})
+    key_args = {k: v for k, v in vars(args).items() if k not in RESUMABLE}
+    grid = dict(args=key_args, xs=xs, ys=ys, weights=weights, done=torch.zeros(len(weights), dtype=torch.bool),
+                **{k: torch.full((len(weights),), float("nan"), dtype=torch.float64) for k in keys})
     if os.path.exists(grid_path):
-        old = torch.load(grid_path, weights_only=True)
+        try:
+            old = torch.load(grid_path, weights_only=True)
+        except Exception as e:
+            raise UserError(f"{grid_path} is not readable ({type(e).__name__}); delete it to compute the grid "
+                            f"again") from None
         if old.get("args") != key_args:
             raise UserError(f"{grid_path} holds a grid with other arguments; rerun with those or pick another --out")
         grid = old
-        print(f"resuming {grid_path}: {int(grid['done'].sum())}/{len(W)} points done")
-    write_json(os.path.join(args.out, "args.json"), vars(args))
+        print(f"resuming {grid_path}: {int(grid['done'].sum())}/{len(weights)} points done")
 
     t_grid, n_new = time.time(), 0
-    for start in range(0, len(W), P):   # fixed chunks: a resumed run batches points as the first did
-        chunk = slice(start, start + P)
+    for start in range(0, len(weights), points_per_batch):   # fixed chunks: a resumed run batches points as the first did
+        chunk = slice(start, start + points_per_batch)
         if grid["done"][chunk].all():
             continue
-        for j, row in enumerate(evaluate_batch(model, stacked, W[chunk], ev, args)):
+        for j, row in enumerate(evaluate_batch(model, stacked, weights[chunk], fixed, args)):
             for k in keys:
                 grid[k][start + j] = row[k]
         grid["done"][chunk] = True
-        n_new += len(W[chunk])
+        n_new += len(weights[chunk])
         atomic_save(grid, grid_path)
-        print(f"\r{int(grid['done'].sum())}/{len(W)} points", end="", flush=True)
+        print(f"\r{int(grid['done'].sum())}/{len(weights)} points", end="", flush=True)
     print()
-
-    # ------------------------------------------------------------------ speed: a point vs one forward
-    if n_new:
-        per_point = (time.time() - t_grid) / n_new
-        t0 = time.time()
-        with torch.no_grad(), autocast(device):
-            for x in ev["x_eval"].split(args.batch_size):
-                model(normalize(x, ev["data"])).float().sum().item()
-            for x in torch.cat([ev["x_ptr"], ev["x_pte"]]).split(args.batch_size):
-                model.encoder(normalize(x, ev["data"])).float().sum().item()
-        forward = time.time() - t0
-        grid["timing"] = dict(per_point_s=per_point, forward_s=forward, ratio=per_point / forward)
-        atomic_save(grid, grid_path)
-        print(f"{n_new} points, {per_point:.3f} s per point = {per_point / forward:.2f}x one forward pass of the "
-              f"evaluation subset ({forward:.3f} s: {len(ev['x_eval'])} images through the model, "
-              f"{len(ev['x_ptr']) + len(ev['x_pte'])} through the encoder) on {device}")
 
     # ------------------------------------------------------------------ results and figure
     coords = [[round(v, 6) for v in c] for c in anchors.tolist()]
     summary = dict(points=list(args.points), labels=list(labels), frame=args.frame, anchor_coords=coords,
                    distances={f"{i}-{j}": math.sqrt(max(gram[i, i] + gram[j, j] - 2 * gram[i, j], 0))
                               for i, j in [(0, 1), (0, 2), (1, 2)]},
-                   timing=grid.get("timing"))
+                   seconds_per_point=(time.time() - t_grid) / n_new if n_new else None)
     write_json(os.path.join(args.out, "landscape.json"), summary)
     plot_landscape(grid, anchors, labels, gram, args, os.path.join(args.out, "landscape.png"))
+    release_run_dir(args.out)
     print(f"-> {args.out}/landscape.png")
     return grid
 
@@ -295,8 +289,8 @@ def plot_landscape(grid, anchors, labels, gram, args, path):
     plt = pyplot()
     from matplotlib.colors import LogNorm
     xs, ys, n = grid["xs"], grid["ys"], len(grid["xs"])
-    W = grid["weights"]
-    norm = torch.einsum("pi,ij,pj->p", W, gram, W).clamp_min(0).sqrt().view(n, n).numpy()
+    weights = grid["weights"]
+    norm = torch.einsum("pi,ij,pj->p", weights, gram, weights).clamp_min(0).sqrt().view(n, n).numpy()
     panels = [("kl", "loss landscape (KL)"), ("probe", "probing landscape (linear probe)")]
     panels += [("embed_kl", "embedding KL")] if "embed_kl" in grid else []
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4))

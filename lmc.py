@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (accuracy, add_supervised_args, arg_parser, atomic_save, autocast, check_supervised_args,
-                    normalize, pyplot, run_main, save_figure, setup_device, sgd, supervised_epoch,
-                    supervised_start, UserError, write_json)
+from common import (accuracy, add_supervised_args, arg_parser, at_least, atomic_save, autocast,
+                    check_supervised_args, normalize, open_run_dir, pyplot, read_jsonl, release_run_dir, run_main, save_figure,
+                    setup_device, sgd, supervised_epoch, supervised_start, UserError, write_json)
 
 
 def parse_args(argv=None):
@@ -36,17 +36,15 @@ def parse_args(argv=None):
     add_supervised_args(p, "Fig. 9", "copy i uses seed + i for data order and augmentation",
                         "runs/lmc_<arch>_<init>")
     p.add_argument("--init-seed", type=int, default=0, help="seed of the random init and of the classifier")
-    p.add_argument("--copies", type=int, default=5, help="K supervised copies (paper: 5)")
-    p.add_argument("--points", type=int, default=50, help="evenly spaced γ in [0, 1] per path (paper: 50)")
+    p.add_argument("--copies", type=at_least(2), default=5, help="K supervised copies (paper: 5)")
+    p.add_argument("--points", type=at_least(2), default=50, help="evenly spaced γ in [0, 1] per path (paper: 50)")
     p.add_argument("--bn", default="interpolate", choices=["interpolate", "recompute"],
                    help="BN statistics along the path: interpolated with the weights, or re-estimated")
-    p.add_argument("--bn-samples", type=int, default=2048, help="train images for --bn recompute")
+    p.add_argument("--bn-samples", type=at_least(1), default=2048, help="train images for --bn recompute")
     args = p.parse_args(argv)
     check_supervised_args(p, args)
     if args.plot:
         return args
-    if args.copies < 2 or args.points < 2:
-        p.error("--copies and --points must be at least 2")
     args.out = args.out or f"runs/lmc_{args.arch}_{args.init.split(':')[0]}"
     return args
 
@@ -94,22 +92,19 @@ def barrier(errors):
 
 # ---------------------------------------------------------------------------------------------
 
+# A rerun may change these and keep the trained copies (they only change the evaluation of the paths).
+RESUMABLE = {"device", "out", "plot", "points", "bn", "bn_samples"}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:   # save_figure creates --out
         return plot_fig9(args.plot, os.path.join(args.out, "fig9.png"))
-    device = setup_device(args.device)
-    os.makedirs(args.out, exist_ok=True)
-    args_path = os.path.join(args.out, "args.json")
-    if os.path.exists(os.path.join(args.out, "copy0.pt")):   # trained copies belong to these arguments
-        old = {k: v for k, v in json.load(open(args_path)).items() if k not in ("device", "out")}
-        if old != {k: v for k, v in vars(args).items() if k not in ("device", "out")}:
-            raise UserError(f"{args.out} holds an LMC run with other arguments; "
-                            f"rerun with those or pick another --out")
+    device = setup_device(args.device, args.precision)
+    open_run_dir(args.out, vars(args), RESUMABLE)   # trained copies belong to these arguments
 
     # ------------------------------------------------------------------ the shared starting point
     model, data = supervised_start(args, device, torch.Generator().manual_seed(args.init_seed))
-    write_json(args_path, vars(args))
     start = {k: v.clone() for k, v in model.state_dict().items()}
 
     # ------------------------------------------------------------------ K copies, different SGD noise
@@ -117,7 +112,11 @@ def main(argv=None):
     for i in range(args.copies):
         path = os.path.join(args.out, f"copy{i}.pt")
         if os.path.exists(path):   # resume: this copy is done
-            states.append(torch.load(path, map_location=device, weights_only=True)["model"])
+            try:
+                states.append(torch.load(path, map_location=device, weights_only=True)["model"])
+            except Exception as e:
+                raise UserError(f"{path} is not readable ({type(e).__name__}); delete it to train copy {i} "
+                                f"again") from None
         else:
             model.load_state_dict(start)
             optimizer = sgd(model, args.weight_decay)
@@ -149,6 +148,7 @@ def main(argv=None):
                    barrier_std=statistics.stdev(barriers) if len(barriers) > 1 else 0.0)
     write_json(os.path.join(args.out, "summary.json"), summary)
     plot_fig9([args.out], os.path.join(args.out, "fig9.png"))
+    release_run_dir(args.out)
     print(f"LMC {args.arch} init={summary['init']} bn={args.bn}: barrier {summary['barrier_mean']:.2%} "
           f"± {summary['barrier_std']:.2%} over {len(rows)} pairs -> {args.out}")
     return rows, summary
@@ -159,7 +159,7 @@ def plot_fig9(run_dirs, path):
     plt = pyplot()
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(4.5 * len(run_dirs), 3.8), squeeze=False, sharey=True)
     for ax, d in zip(axes[0], run_dirs):
-        rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+        rows = read_jsonl(os.path.join(d, "metrics.jsonl"))
         summary = json.load(open(os.path.join(d, "summary.json")))
         for r in rows:
             ax.plot(r["gammas"], [100 * e for e in r["errors"]], color="C0", lw=0.8, alpha=0.5)

@@ -9,22 +9,19 @@ distilled student and the flattened input image.
     python probe.py RUN_VGG RUN_RESNET --dataset cifar10 cifar100 stl10         # rows dataset x model
     python probe.py runs/vgg11_a1e-10_tinyimagenet --dataset cifar10           # transfer, Tables 2/4
     python probe.py --arch vgg11 --random --dataset cifar10                    # a fresh network only
-    python probe.py --arch vgg11 --bench                                       # probe cost vs an epoch
 
 A run directory stands for its best.pt (the checkpoint with the best raw student linear probe, the
 authors' selection; `--which last` for last.pt). For transfer, images are resized to the
 checkpoint's resolution and normalized with the probe dataset's statistics.
 """
-import math
 import os
 import statistics
-import time
 
 import torch
 
-from common import (ARCHS, DATASETS, arg_parser, distill_loss_fn, extract_features, knn_probe,
-                    linear_probe, load_checkpoint, load_dataset, make_encoder, make_model,
-                    model_from_checkpoint, probe_subset, run_main, setup_device, train_epoch, write_json)
+from common import (ARCHS, DATASETS, PRECISIONS, arg_parser, at_least, make_out_dir, extract_features, knn_probe, linear_probe, load_checkpoint,
+                    load_dataset, make_encoder, model_from_checkpoint, probe_subset, run_main, setup_device,
+                    write_json)
 
 
 def parse_args(argv=None):
@@ -32,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("paths", nargs="*", help="distill.py run directories or .pt checkpoints")
     p.add_argument("--which", default="best", choices=["best", "last"],
                    help="checkpoint of a run directory")
-    p.add_argument("--arch", default=None, help=f"with --random or --bench: one of {', '.join(ARCHS)}")
+    p.add_argument("--arch", default=None, help=f"with --random: one of {', '.join(ARCHS)}")
     p.add_argument("--random", action="store_true",
                    help="also probe a freshly initialized --arch (seed --init-seed)")
     p.add_argument("--init-seed", type=int, default=0,
@@ -40,20 +37,20 @@ def parse_args(argv=None):
     p.add_argument("--dataset", nargs="+", default=["cifar10"],
                    help=f"probe data, one or more of: {', '.join(DATASETS)}")
     p.add_argument("--data-root", default="data")
-    p.add_argument("--batch-size", type=int, default=256, help="linear-probe batch (the authors': 256)")
-    p.add_argument("--probe-epochs", type=int, default=10, help="linear-probe epochs (the authors': 10)")
+    p.add_argument("--batch-size", type=at_least(1), default=256, help="linear-probe batch (the authors': 256)")
+    p.add_argument("--probe-epochs", type=at_least(1), default=10, help="linear-probe epochs (the authors': 10)")
     p.add_argument("--features", default="raw", choices=["raw", "standardized", "both"],
                    help="linear probe on raw features (the paper's numbers) or train-standardized ones")
-    p.add_argument("--knn-k", type=int, default=20, help="k of the k-NN probe (App. C.1)")
+    p.add_argument("--knn-k", type=at_least(1), default=20, help="k of the k-NN probe (App. C.1)")
     p.add_argument("--knn-metric", default="l2", choices=["l2", "cosine"],
                    help="l2: Euclidean majority vote (the paper's); cosine: DINO's T=0.07 weighted vote")
-    p.add_argument("--repeats", type=int, default=1, help="linear-probe seeds; the paper reports 3 (mean ± std)")
+    p.add_argument("--repeats", type=at_least(1), default=1, help="linear-probe seeds; the paper reports 3 (mean ± std)")
     p.add_argument("--seed", type=int, default=0, help="first linear-probe seed (and the probe subsets)")
-    p.add_argument("--probe-samples", type=int, nargs="+", default=None, metavar=("N_TRAIN", "N_TEST"),
+    p.add_argument("--probe-samples", type=at_least(10), nargs="+", default=None, metavar=("N_TRAIN", "N_TEST"),
                    help="cap the probe train (and test, default the same) splits, for quick CPU runs")
-    p.add_argument("--bench", action="store_true",
-                   help="time a full probe (50k/10k CIFAR-sized) against one distillation epoch of --arch")
     p.add_argument("--out", default=None, help="where probe.md/probe.json go (default: runs/probe_<datasets>)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="numerics of the encoders (distill.py's --precision; auto: tf32 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     for name in args.dataset:
@@ -61,9 +58,9 @@ def parse_args(argv=None):
             p.error(f"unknown --dataset {name!r}; choose from {', '.join(DATASETS)}")
     if args.arch is not None and args.arch not in ARCHS:
         p.error(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
-    if (args.random or args.bench) and args.arch is None:
-        p.error("--random and --bench need --arch")
-    if not (args.paths or args.random or args.bench):
+    if args.random and args.arch is None:
+        p.error("--random needs --arch")
+    if not (args.paths or args.random):
         p.error("give run directories / checkpoints, or --arch ARCH --random")
     if args.probe_samples is not None and len(args.probe_samples) > 2:
         p.error("--probe-samples takes N_TRAIN [N_TEST]")
@@ -73,9 +70,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = setup_device(args.device)
-    if args.bench:
-        return bench(args, device)
+    device = setup_device(args.device, args.precision)
+    make_out_dir(args.out)   # before the probing: a bad --out fails now, not after an hour
 
     # ------------------------------------------------------------------ the encoders to probe
     models = []   # (source, arch, img_size, {subject: encoder})
@@ -134,7 +130,6 @@ def main(argv=None):
             print(f"probed {source} on {name}")
 
     # ------------------------------------------------------------------ Tables 1-4
-    os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "args.json"), vars(args))
     write_json(os.path.join(args.out, "probe.json"), rows)
     table = format_tables(rows, args)
@@ -166,56 +161,6 @@ def format_tables(rows, args):
             out.append(f"| {r['dataset']} | {r['arch']} | {r['source']} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
-
-
-def bench(args, device, n_train=50_000, n_test=10_000, distill_batch=256):
-    """A full probe (features of 50k + 10k images, k-NN, linear) against one distillation epoch
-    (196 steps at batch 256) of the same arch, timed side by side on this device. On a CPU only a
-    slice of each forward-bound part is timed and scaled up (said in the output)."""
-    cuda = torch.device(device).type == "cuda"
-    frac = 1.0 if cuda else 1 / 20
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
-    y = torch.randint(0, 10, (n_train + n_test,), generator=g).to(device)
-    data = dict(mean=torch.full((1, 3, 1, 1), 0.5, device=device),
-                std=torch.full((1, 3, 1, 1), 0.25, device=device))
-    teacher = make_model(args.arch, generator=torch.Generator().manual_seed(0)).to(device).eval().requires_grad_(False)
-    student = make_model(args.arch, generator=torch.Generator().manual_seed(1)).to(device)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)   # as distill.py
-
-    def timed(fn):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, out
-
-    steps = math.ceil(n_train / distill_batch)
-    n_steps = max(2, round(steps * frac))
-    # as distill.py: teacher codes cached (once per run, not timed), loss compiled
-    loss_fn = distill_loss_fn(student, teacher, x[:distill_batch * n_steps], data, compile=True)
-    train_epoch(student, optimizer, loss_fn, distill_batch * 2, distill_batch, 0, 0, device)   # warm-up
-    t_epoch, _ = timed(lambda: train_epoch(student, optimizer, loss_fn, distill_batch * n_steps,
-                                           distill_batch, 0, 1, device))
-    t_epoch *= steps / n_steps
-
-    n_feat = max(1024, round((n_train + n_test) * frac))
-    t_feat, feats = timed(lambda: extract_features(student.encoder, x[:n_feat], data, device=device))
-    t_feat *= (n_train + n_test) / n_feat
-    f = torch.randn(n_train + n_test, feats.shape[1], generator=g).to(device)   # full-size features
-    t_knn, _ = timed(lambda: knn_probe(f[:n_train], y[:n_train], f[n_train:], y[n_train:],
-                                       args.knn_k, args.knn_metric))
-    t_lin, _ = timed(lambda: linear_probe(f[:n_train], y[:n_train], f[n_train:], y[n_train:], 10,
-                                          epochs=args.probe_epochs, batch_size=args.batch_size))
-    t_probe = t_feat + t_knn + t_lin
-    scaled = "" if cuda else f" (forward-bound parts timed on {frac:.0%} and scaled)"
-    print(f"{args.arch} on {device}, torch {torch.__version__}{scaled}")
-    print(f"  distillation epoch ({steps} steps x {distill_batch}): {t_epoch:8.2f} s")
-    print(f"  full probe: features {t_feat:.2f} s + k-NN {t_knn:.2f} s + linear {t_lin:.2f} s = {t_probe:8.2f} s")
-    print(f"probe / epoch: {t_probe / t_epoch:.2f}")
-    return t_probe / t_epoch
 
 
 if __name__ == "__main__":

@@ -4,8 +4,13 @@ import torch
 
 @pytest.fixture(autouse=True)
 def seeded():
-    """Tests that draw inputs from the global RNG see the same inputs on every run."""
+    """Tests that draw inputs from the global RNG see the same inputs on every run; every test
+    starts in fp32 (a script's --precision bf16 run in this process must not leak into the next)."""
+    import common
     torch.manual_seed(0)
+    common.set_precision("fp32", "cpu")
+    yield
+    common.set_precision("fp32", "cpu")
 
 
 def load_script(name):

@@ -190,12 +190,12 @@ def _cache_setup():
 
 
 def test_teacher_cache_gives_the_recomputed_loss_and_gradients():
+    import distill
     teacher, student, x, data = _cache_setup()
     idx = torch.tensor([3, 17, 5, 39, 0, 22])
     results = []
     for cache in (True, False):
-        loss_fn = common.distill_loss_fn(student, teacher, x, data, cache=cache)
-        assert loss_fn.cached == cache
+        loss_fn = distill.make_loss(student, teacher, x, data, cache=cache)
         student.zero_grad()
         ce, stats = loss_fn(idx)
         ce.backward()
@@ -205,14 +205,11 @@ def test_teacher_cache_gives_the_recomputed_loss_and_gradients():
         torch.testing.assert_close(cached, recomputed, rtol=1e-5, atol=1e-7)
 
 
-def test_teacher_cache_is_off_where_it_would_be_stale():
+def test_teacher_cache_refuses_a_teacher_changed_after_caching():
+    import distill
     teacher, student, x, data = _cache_setup()
-    assert not common.distill_loss_fn(student, teacher, x, data, augment=lambda xb, idx: xb.flip(3)).cached
-    assert not common.distill_loss_fn(student, teacher.train(), x, data).cached        # BN would update
-    assert not common.distill_loss_fn(student, teacher.eval().requires_grad_(True), x, data).cached
-    teacher.requires_grad_(False)
-    loss_fn = common.distill_loss_fn(student, teacher, x, data)
-    assert loss_fn.cached
+    loss_fn = distill.make_loss(student, teacher, x, data)
+    loss_fn(torch.arange(4))
     with torch.no_grad():   # an EMA-style in-place update of the teacher after caching
         next(teacher.parameters()).mul_(0.99)
     with pytest.raises(RuntimeError, match="teacher changed"):
@@ -224,7 +221,7 @@ def test_compiled_loss_matches_eager():
     t = 0.02 * torch.randn(4, 4096, generator=g)
     s = t + 1e-3 * torch.randn(4, 4096, generator=g)
     results = []
-    for loss in (distillation_loss, common.compiled(distillation_loss)):
+    for loss in (distillation_loss, common.compiled(distillation_loss, [(s.clone().requires_grad_(), t)])):
         s_ = s.clone().requires_grad_()
         out = loss(s_, t)
         out[0].backward()
@@ -303,7 +300,7 @@ def test_balanced_subset_takes_equal_counts_per_class():
         common.balanced_subset(y, 205, torch.Generator())
 
 
-def test_imagefolder_is_decoded_once_and_cached(tmp_path):
+def test_imagefolder_is_decoded_once_and_cached(tmp_path, monkeypatch):
     for split, n in [("train", 3), ("test", 2)]:
         for c in ["cat", "ant"]:
             os.makedirs(tmp_path / split / c)
@@ -315,8 +312,9 @@ def test_imagefolder_is_decoded_once_and_cached(tmp_path):
     assert data["y_train"].tolist() == [0, 0, 0, 1, 1, 1] and data["num_classes"] == 2   # ant, cat
     assert abs(int(data["x_train"][4, 0, 0, 0]) - 140) <= 2
     assert (tmp_path / "imagefolder-train.uint8.pt").exists()
-    for f in tmp_path.glob("train/*/*.jpg"):   # the second load reads the cache only
-        f.unlink()
+    def no_decoding(*args):   # the second load reads the cache only
+        raise AssertionError("decoded again")
+    monkeypatch.setattr(common.Image, "open", no_decoding)
     assert torch.equal(common.load_dataset("imagefolder", str(tmp_path), "cpu")["x_train"], data["x_train"])
 
 
@@ -364,3 +362,25 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         common.load_checkpoint(str(tmp_path / "bad.pt"))
+
+
+# ------------------------------------------------------------------ numerics (--precision)
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("auto", torch.float32),
+                                             ("bf16", torch.bfloat16)])
+def test_each_precision_gives_the_activation_dtype_it_promises(precision, dtype):
+    try:
+        common.setup_device("cpu", precision)
+        conv, linear = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 2)
+        with common.autocast("cpu"):
+            h = conv(torch.randn(2, 3, 8, 8))
+            out = linear(h.mean((2, 3)))
+        assert h.dtype == dtype and out.dtype == dtype
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        common.setup_device("cpu", "fp32")
+
+
+def test_tf32_is_refused_without_cuda():
+    with pytest.raises(UserError, match="tf32 needs a CUDA device"):
+        common.setup_device("cpu", "tf32")

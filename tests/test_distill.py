@@ -107,11 +107,13 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
         for key in ("ce", "kl", "dist_from_init", "teacher_entropy"):
             assert b[key] == pytest.approx(a[key], rel=1e-4)
         for key in a:   # same features: the teacher's and the input's probes agree exactly
-            if key.startswith(("teacher_", "input_")):
+            if key.startswith(("teacher_", "input_")) and key.endswith(("linear", "linear_std", "knn", "knn_cos")):
                 assert b[key] == a[key]
+            elif key.startswith("teacher_"):   # representation stats: one 512-image forward per process
+                assert b[key] == pytest.approx(a[key], rel=1e-5)
     a, b = (load_checkpoint(str(tmp_path / d / "last.pt"))["student"] for d in ("one", "two"))
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)   # 2 epochs of fp32 reduction-order noise (weights ~0.02)
 
 
 def test_restart_makes_the_trained_student_the_teacher(tmp_path):
@@ -174,7 +176,7 @@ def fake_run(d, student_linear, **changes):
     os.makedirs(d)
     with open(d / "args.json", "w") as f:
         json.dump(args, f)
-    row = lambda epoch, acc: dict(epoch=epoch, ce=11.0, kl=0.1 / (epoch + 1), dist_from_init=float(epoch),
+    row = lambda epoch, acc: dict(epoch=epoch, step=8 * epoch, ce=11.0, kl=0.1 / (epoch + 1), dist_from_init=float(epoch),
                                   student_linear=acc, student_knn=acc, teacher_linear=0.3, teacher_knn=0.3)
     with open(d / "metrics.jsonl", "w") as f:
         f.write(json.dumps(dict(row(0, 0.3), input_linear=0.35, n_distill=512)) + "\n")
@@ -204,3 +206,13 @@ def test_plot_finds_each_sweep_from_the_runs_own_arguments(tmp_path):
     assert json.load(open(tmp_path / "figs" / "sweeps.json")) == json.loads(json.dumps(summary))
     r = cli("--plot", str(base))
     assert r.returncode == 2 and "form no sweep" in r.stderr
+
+
+def test_fp32_is_the_cpu_default_and_bf16_changes_the_numbers(tmp_path):
+    flags = ["--arch", "resnet20", "--out-dim", "256", "--epochs", "1", "--alpha", "0.5"]
+    auto = run(tmp_path / "auto", *flags)
+    fp32 = run(tmp_path / "fp32", *flags, "--precision", "fp32")
+    bf16 = run(tmp_path / "bf16", *flags, "--precision", "bf16")
+    assert fp32 == auto   # bit for bit: --precision auto on a CPU is fp32, no autocast
+    assert bf16[-1]["ce"] != fp32[-1]["ce"] and bf16[-1]["ce"] == pytest.approx(fp32[-1]["ce"], rel=1e-2)
+    assert bf16[0]["input_linear"] == fp32[0]["input_linear"]   # the raw input is not a network
