@@ -192,8 +192,8 @@ def probe(features, probe_data, knn_k, seed):
     # raw features are the paper's probe; standardized ones (train mean/std) were probed too by the authors
     return dict(linear=linear_probe(f_train, y_train, f_test, y_test, c, seed=seed),
                 linear_std=linear_probe(f_train, y_train, f_test, y_test, c, seed=seed, standardize=True),
-                knn=knn_probe(f_train, y_train, f_test, y_test, knn_k, "l2", c),
-                knn_cos=knn_probe(f_train, y_train, f_test, y_test, knn_k, "cosine", c))
+                knn=knn_probe(f_train, y_train, f_test, y_test, k=knn_k, metric="l2", num_classes=c),
+                knn_cos=knn_probe(f_train, y_train, f_test, y_test, k=knn_k, metric="cosine", num_classes=c))
 
 
 @torch.no_grad()
@@ -263,14 +263,6 @@ def step_batches(n, batch_size, seed, first, last, device):
         offset = (epoch - 1) * per_epoch
         batches += epoch_batches(n, batch_size, seed, epoch, device)[max(first - offset, 0):last - offset]
     return batches
-
-
-def save_state(path, config, args, step, epoch, best, student, teacher, optimizer=None):
-    state = dict(config=config, args=vars(args), step=step, epoch=epoch, best=best,
-                 student=student.state_dict(), teacher=teacher.state_dict())
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-    atomic_save(state, path)
 
 
 def main(argv=None):
@@ -394,7 +386,8 @@ def main(argv=None):
     # ============ distillation, probing at each point ============
     t0 = time.time()
     bar = tqdm(total=total, initial=step, desc=f"distill {args.arch}", dynamic_ncols=True, disable=not master)
-    points = probe_points(step, total, steps_per_epoch, args.probe_every, args.probe_steps)
+    points = probe_points(step, total, steps_per_epoch=steps_per_epoch, probe_every=args.probe_every,
+                          probe_steps=args.probe_steps)
     for stop in ([0] if ckpt is None else []) + points:
         if stop == 0:   # the untrained student, its loss on the first 2048 distillation images
             student.eval()
@@ -407,9 +400,10 @@ def main(argv=None):
             row.update({f"input_{k}": v for k, v in input_probe.items()})   # Table 1's input baseline, once
             row["n_distill"] = len(x_distill)                                # the dataset size of Fig. 4
         else:
-            batches = step_batches(len(x_distill), args.batch_size, args.seed, step, stop, device)
+            batches = step_batches(len(x_distill), args.batch_size, seed=args.seed, first=step, last=stop,
+                                   device=device)
             try:
-                train_stats = train_steps(student, optimizer, loss_fn, batches, bar)
+                train_stats = train_steps(student, optimizer, loss_fn, batches, progress=bar)
             except NonFiniteLoss as e:
                 raise UserError(f"{e}; {last_path} (step {step}) is kept") from None
             step = stop
@@ -418,10 +412,12 @@ def main(argv=None):
         metrics.append(row)
         if master:
             append_jsonl(metrics_path, row)
-            if row["student_linear"] > best:   # the authors' selection: best raw linear probe
-                best = row["student_linear"]
-                save_state(best_path, config, args, step, row["epoch"], best, student, teacher)
-            save_state(last_path, config, args, step, row["epoch"], best, student, teacher, optimizer)
+            improved, best = row["student_linear"] > best, max(best, row["student_linear"])
+            state = dict(config=config, args=vars(args), step=step, epoch=row["epoch"], best=best,
+                         student=student.state_dict(), teacher=teacher.state_dict())
+            if improved:   # the authors' selection: the best raw linear probe
+                atomic_save(state, best_path)
+            atomic_save(dict(state, optimizer=optimizer.state_dict()), last_path)   # the resume point
             plot_curves(metrics, os.path.join(args.out, "fig1.png"), args)
             tqdm.write(f"step {step:6d} | ce {row['ce']:.6f} kl {row['kl']:.3e} dist {row['dist_from_init']:.3f} "
                        f"| linear student {row['student_linear']:.2%} teacher {row['teacher_linear']:.2%} "

@@ -148,23 +148,23 @@ def default_lims(frame, anchors):
 # ----------------------------------------------------------------------------------------------
 # Evaluation: several grid points per forward, their parameters stacked and the model vmapped over them.
 
-def evaluate_batch(model, stacked, weights, fixed, args):
+def evaluate_batch(model, stacked, weights, eval_data, args):
     """KL, probe accuracy (and embedding KL) at the grid points `weights` [P, 3]."""
-    w = weights.float().to(fixed["device"])
+    w = weights.float().to(eval_data["device"])
     params = {k: torch.einsum("pi,i...->p...", w, v) for k, v in stacked.items()}   # one-hot w: exact
     enc = {k[len("encoder."):]: v for k, v in params.items() if k.startswith("encoder.")}
     head = {k[len("head."):]: v for k, v in params.items() if k.startswith("head.")}
     # BN statistics: the first point's for every grid point, or (--buffers interpolate) combined like the parameters
     fixed = {k[len("encoder."):]: v for k, v in model.named_buffers() if k.startswith("encoder.")}
-    mixed = {k: torch.einsum("pi,i...->p...", w, v) for k, v in fixed["buffers"].items()}
+    mixed = {k: torch.einsum("pi,i...->p...", w, v) for k, v in eval_data["buffers"].items()}
     fixed = {k: v for k, v in fixed.items() if k not in mixed}
     embed = vmap(lambda p, b, x: functional_call(model.encoder, (p, b, fixed), (x,)), in_dims=(0, 0, None))
     project = vmap(lambda p, e: functional_call(model.head, (p,), (e,)))
 
     kl, embed_kl = torch.zeros(len(w), device=w.device), torch.zeros(len(w), device=w.device)   # synced once
-    for xb, t_logits, t_embed in zip(fixed["x_eval"].split(args.batch_size), fixed["t_logits"], fixed["t_embed"]):
-        with torch.no_grad(), autocast(fixed["device"]):
-            e = embed(enc, mixed, normalize(xb, fixed["data"]))
+    for xb, t_logits, t_embed in zip(eval_data["x_eval"].split(args.batch_size), eval_data["t_logits"], eval_data["t_embed"]):
+        with torch.no_grad(), autocast(eval_data["device"]):
+            e = embed(enc, mixed, normalize(xb, eval_data["data"]))
             s = project(head, e)
         for i in range(len(w)):   # batch means, weighted back into the subset's mean
             kl[i] += distillation_loss(s[i], t_logits)[1] * len(xb)
@@ -172,11 +172,11 @@ def evaluate_batch(model, stacked, weights, fixed, args):
                 embed_kl[i] += distillation_loss(e[i], t_embed)[1] * len(xb)
 
     def features(x):   # [P, N, D]: every point's encoder on the probe images
-        with torch.no_grad(), autocast(fixed["device"]):
-            return torch.cat([embed(enc, mixed, normalize(xb, fixed["data"])).float() for xb in x.split(args.batch_size)], 1)
-    probe = linear_probe(features(fixed["x_probe_train"]), fixed["y_probe_train"], features(fixed["x_probe_test"]), fixed["y_probe_test"], fixed["classes"],
+        with torch.no_grad(), autocast(eval_data["device"]):
+            return torch.cat([embed(enc, mixed, normalize(xb, eval_data["data"])).float() for xb in x.split(args.batch_size)], 1)
+    probe = linear_probe(features(eval_data["x_probe_train"]), eval_data["y_probe_train"], features(eval_data["x_probe_test"]), eval_data["y_probe_test"], eval_data["classes"],
                          epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    kl, embed_kl = (kl.double() / len(fixed["x_eval"])).tolist(), (embed_kl.double() / len(fixed["x_eval"])).tolist()
+    kl, embed_kl = (kl.double() / len(eval_data["x_eval"])).tolist(), (embed_kl.double() / len(eval_data["x_eval"])).tolist()
     return [dict(kl=kl[i], probe=probe[i], **({"embed_kl": embed_kl[i]} if args.encoder else {})) for i in range(len(w))]
 
 
@@ -237,8 +237,8 @@ def main(argv=None):
     weights = grid_weights(args.frame, anchors, xs, ys)
 
     # ------------------------------------------------------------------ fixed data, teacher outputs once
-    fixed = fixed_data(args, ckpts[0], device)
-    fixed["buffers"] = stacked_buffers
+    eval_data = fixed_data(args, ckpts[0], device)
+    eval_data["buffers"] = stacked_buffers
 
     # ------------------------------------------------------------------ the grid, resumable
     grid_path = os.path.join(args.out, "grid.pt")
@@ -262,7 +262,7 @@ def main(argv=None):
         chunk = slice(start, start + points_per_batch)
         if grid["done"][chunk].all():
             continue
-        for j, row in enumerate(evaluate_batch(model, stacked, weights[chunk], fixed, args)):
+        for j, row in enumerate(evaluate_batch(model, stacked, weights[chunk], eval_data, args)):
             for k in keys:
                 grid[k][start + j] = row[k]
         grid["done"][chunk] = True

@@ -107,8 +107,8 @@ def main(argv=None):
         def probe_data(img_size):   # None: the dataset's own resolution
             if img_size not in datasets:
                 data = load_dataset(name, args.data_root, device, img_size=img_size)
-                caps = args.probe_samples or [None]
-                for split, cap in (("train", caps[0]), ("test", caps[-1])):
+                n_train, n_test = (args.probe_samples or [None])[0], (args.probe_samples or [None])[-1]
+                for split, cap in (("train", n_train), ("test", n_test)):
                     data[f"x_{split}"], data[f"y_{split}"] = probe_subset(data[f"x_{split}"], data[f"y_{split}"],
                                                                           cap, args.seed)
                 datasets[img_size] = data

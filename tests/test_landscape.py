@@ -42,8 +42,8 @@ def test_anchor_grid_points_reproduce_each_checkpoints_own_values(runs, tmp_path
         x = normalize(ev["x_eval"], ev["data"])   # 60 images: one batch, as on the grid
         with torch.no_grad():
             kl = distillation_loss(model(x), teacher(x))[1].item()
-        f = [extract_features(model.encoder, xs, ev["data"]) for xs in (ev["x_ptr"], ev["x_pte"])]
-        probe = linear_probe(f[0], ev["y_ptr"], f[1], ev["y_pte"], 10, epochs=2, batch_size=64)
+        f = [extract_features(model.encoder, xs, ev["data"]) for xs in (ev["x_probe_train"], ev["x_probe_test"])]
+        probe = linear_probe(f[0], ev["y_probe_train"], f[1], ev["y_probe_test"], 10, epochs=2, batch_size=64)
         # the same weights; only the vmapped forward's kernels differ from a plain one (float32 rounding)
         assert grid["kl"][i].item() == pytest.approx(kl, rel=1e-6, abs=1e-12)
         assert grid["probe"][i].item() == probe
