@@ -848,17 +848,19 @@ def distillation_loss(student_logits, teacher_logits):
     ~ln(65536) = 11.09, below float32 resolution of CE - H. With d = s - t,
     KL = log(sum p_t e^d) - sum p_t d = log1p(sum p_t expm1(d)) - sum p_t d, exact for small d
     (rows where e^d overflows fall back to CE - H). At most three [B, m] tensors are alive at once
-    (p_t, log p_s, d), forward or backward; bench.py measures it."""
+    (p_t, log p_s, d), forward or backward; bench.py measures it. Always fp32, also under bf16
+    autocast (whose einsum would round the row sums, and CE ~ 11.09, to 3 digits)."""
     s, t = student_logits.float(), teacher_logits.float()
-    p_t = t.softmax(-1)
-    ce = SoftTargetCrossEntropy.apply(s, p_t)
-    with torch.no_grad():
-        entropy = t.logsumexp(-1) - _rowdot(p_t, t)
-        d = s.detach() - t
-        mean_d = _rowdot(p_t, d)
-        kl = torch.log1p(_rowdot(p_t, d.expm1_())) - mean_d
-        # far apart (e^d overflows: unbounded logits, raw embeddings) CE - H is exact enough
-        kl = torch.where(torch.isfinite(kl), kl, ce.detach() - entropy)
+    with torch.autocast(s.device.type, enabled=False):
+        p_t = t.softmax(-1)
+        ce = SoftTargetCrossEntropy.apply(s, p_t)
+        with torch.no_grad():
+            entropy = t.logsumexp(-1) - _rowdot(p_t, t)
+            d = s.detach() - t
+            mean_d = _rowdot(p_t, d)
+            kl = torch.log1p(_rowdot(p_t, d.expm1_())) - mean_d
+            # far apart (e^d overflows: unbounded logits, raw embeddings) CE - H is exact enough
+            kl = torch.where(torch.isfinite(kl), kl, ce.detach() - entropy)
     return ce.mean(), kl.mean(), entropy.mean()
 
 

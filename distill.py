@@ -461,7 +461,7 @@ def plot_curves(metrics, path, args):
 # Each run's args.json says what it is; the argument that differs between runs that otherwise
 # agree is the sweep variable, and it picks the figure (FIGURES, at the end).
 
-NOT_SWEPT = RESUMABLE | {"plot", "precision"}
+NOT_SWEPT = RESUMABLE | {"plot"}
 
 
 def load_runs(dirs):
@@ -575,6 +575,9 @@ def plot_over_training(groups, var, title, path):
                         "o-", ms=3, label=str(r["args"][var] if r["args"][var] is not None else "default"))
             references(ax, g, probe_name, final=False)
             ax.set(xlabel="step", ylabel=label, title=scale(g))
+            if any(r["args"].get("probe_steps") for r in g):   # early steps probed: show them
+                ax.set_xscale("symlog", linthresh=10)
+                ax.set_xlim(left=0)
             ax.legend(fontsize=7, title=var.replace("_", " "), ncol=2)
         rows += [final_row(r, **{var: r["args"][var]}) for r in g]
     fig.suptitle(title, fontsize=10)

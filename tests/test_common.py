@@ -384,3 +384,14 @@ def test_each_precision_gives_the_activation_dtype_it_promises(precision, dtype)
 def test_tf32_is_refused_without_cuda():
     with pytest.raises(UserError, match="tf32 needs a CUDA device"):
         common.setup_device("cpu", "tf32")
+
+
+def test_loss_stays_fp32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    t = 0.02 * torch.randn(4, 4096, generator=g)
+    s = (t + 1e-3 * torch.randn(4, 4096, generator=g)).requires_grad_()
+    exact = distillation_loss(s, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = distillation_loss(s, t)
+    for a, b in zip(exact, under):
+        assert b.dtype == torch.float32 and b.item() == a.item()   # CE ~ 8.3 would round to 8.3125 in bf16
