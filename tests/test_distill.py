@@ -214,5 +214,7 @@ def test_fp32_is_the_cpu_default_and_bf16_changes_the_numbers(tmp_path):
     fp32 = run(tmp_path / "fp32", *flags, "--precision", "fp32")
     bf16 = run(tmp_path / "bf16", *flags, "--precision", "bf16")
     assert fp32 == auto   # bit for bit: --precision auto on a CPU is fp32, no autocast
-    assert bf16[-1]["ce"] != fp32[-1]["ce"] and bf16[-1]["ce"] == pytest.approx(fp32[-1]["ce"], rel=1e-2)
+    # the CE (~ln 256) hides a bf16 change below float32 resolution; the KL and the weights do not
+    for key in ("kl", "dist_from_init"):
+        assert bf16[-1][key] != fp32[-1][key] and bf16[-1][key] == pytest.approx(fp32[-1][key], rel=0.2)
     assert bf16[0]["input_linear"] == fp32[0]["input_linear"]   # the raw input is not a network
