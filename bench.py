@@ -51,8 +51,7 @@ p.add_argument("--steps", type=at_least(1), default=None, help="timed steps per 
 p.add_argument("--reps", type=at_least(1), default=3)
 p.add_argument("--workers", type=at_least(0), default=None,
                help="DataLoader workers of the plain style (default: 0 on CPU, 8 on CUDA)")
-p.add_argument("--precision", default="auto", choices=common.PRECISIONS,
-               help="numerics of every variant but ours_bf16 (distill.py's --precision; auto: tf32 on CUDA, fp32 on CPU)")
+common.add_precision_arg(p)   # every variant's numerics but ours_bf16's
 p.add_argument("--probe", action="store_true",
                help="instead: a full probe (features of 50k + 10k images, k-NN, linear) against one distillation "
                     "epoch (196 steps at batch 256) of each --archs, side by side")
@@ -224,12 +223,10 @@ def probe_vs_epoch(arch, device, n_train=50_000, n_test=10_000, distill_batch=25
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)   # as distill.py
 
     def timed(fn):
-        if cuda:
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         out = fn()
-        if cuda:
-            torch.cuda.synchronize()
+        sync(device)
         return time.perf_counter() - t0, out
 
     steps = math.ceil(n_train / distill_batch)
@@ -256,7 +253,6 @@ def probe_vs_epoch(arch, device, n_train=50_000, n_test=10_000, distill_batch=25
     print(f"  full probe: features {t_feat:.2f} s + k-NN {t_knn:.2f} s + linear {t_lin:.2f} s = {t_probe:8.2f} s")
     print(f"probe / epoch: {t_probe / t_epoch:.2f}")
     return t_probe / t_epoch
-
 
 
 def main():

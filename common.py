@@ -53,15 +53,16 @@ def run_main(main):
         sys.exit(130)
 
 
-def at_least(lo, kind=int):
-    """argparse type: a number >= lo (and finite), so a bad value is refused at parse time, naming its flag."""
+def at_least(lo, kind=int, strict=False):
+    """argparse type: a finite number >= lo (> lo with `strict`), so a bad value is refused at
+    parse time, naming its flag."""
     def check(text):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not (math.isfinite(v) and v >= lo):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {lo:g}, got {text}")
+        if not (math.isfinite(v) and (v > lo if strict else v >= lo)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {lo:g}, got {text}")
         return v
     check.__name__ = kind.__name__   # argparse names the type in its messages
     return check
@@ -69,16 +70,14 @@ def at_least(lo, kind=int):
 
 def positive(kind=float):
     """argparse type: a finite number > 0 (learning rates, epsilons)."""
-    def check(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not (math.isfinite(v) and v > 0):
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-        return v
-    check.__name__ = kind.__name__
-    return check
+    return at_least(0, kind, strict=True)
+
+
+def add_precision_arg(p):
+    """`--precision`, for every script that runs a network (see setup_device)."""
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="numerics: fp32, tf32 (CUDA: TF32 convolutions, the authors' runs), bf16 autocast; "
+                        "auto = tf32 on CUDA, fp32 on CPU (README, 'Numerics')")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +158,13 @@ def read_jsonl(path):
             if i < len(lines) - 1 and any(l.strip() for l in lines[i + 1:]):
                 raise UserError(f"{path}: line {i + 1} is not JSON; restore the file or pick another --out") from None
     return rows
+
+
+def write_jsonl(path, rows):
+    """Rewrite a JSON-lines file whole (temp file + rename): a crash leaves the old one or the new one."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
 
 
 def append_jsonl(path, row):
@@ -542,7 +548,8 @@ def _imagefolder_files(root, train):
     if skipped:
         print(f"{split_dir}: skipped {len(skipped)} files that are not images by extension "
               f"(e.g. {skipped[0]})", file=sys.stderr)
-    empty = [c for c in classes if c not in set(split_classes) or class_to_idx[c] not in set(labels)]
+    found = set(labels)
+    empty = [c for c in classes if class_to_idx[c] not in found]
     if train and empty:
         raise UserError(f"{split_dir} has class folders without images: {', '.join(empty[:5])}; "
                         f"remove them (a class with no images cannot be learned or balanced)")
@@ -555,8 +562,8 @@ def _fingerprint(files, root):
     """What a decoded cache was built from: every file's path (relative to root), size and mtime, hashed."""
     h = hashlib.sha1()
     for f in files:
-        st = os.stat(os.path.join(root, f))
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -604,7 +611,7 @@ def load_split(name, root, train):
     cache = os.path.join(root, f"{name}-{'train' if train else 'test'}.uint8.pt")
     if name == "imagefolder":
         files, labels, _ = _imagefolder_files(root, train)
-        key = _fingerprint([os.path.relpath(f, root) for f in files], root)
+        key = _fingerprint(files, root)
     else:
         key = name   # torchvision's files and the Tiny ImageNet archive are not edited in place
     if os.path.exists(cache):
@@ -698,7 +705,7 @@ def setup_device(device, precision="auto"):
     """Check `--device` and set the numerics of every network in this process (`--precision`):
     fp32 (no TF32 anywhere), tf32 (CUDA only: cuDNN convolutions in TF32, matmuls fp32 -- PyTorch's
     defaults, what the authors' runs used), bf16 (autocast). `auto`: the authors' numerics, tf32 on
-    CUDA and fp32 elsewhere (README: bf16 changes the alpha~0 dynamics). On CUDA cuDNN picks the
+    CUDA and fp32 elsewhere (README, 'Numerics': why bf16 is opt-in). On CUDA cuDNN picks the
     fastest kernels. Under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
     try:
         dev = torch.device(device)
@@ -798,9 +805,7 @@ def train_steps(model, optimizer, loss_fn, batches, progress=None, after_step=No
         totals = vals if totals is None else totals + vals
         steps += 1
         if progress is not None:
-            progress.update(1)
-            if steps % 50 == 1:
-                progress.set_postfix(loss=f"{loss.item():.6g}")
+            progress.update(1)   # no loss in the bar: reading it would sync the device every step
     if world_size > 1:
         dist.all_reduce(totals)
     means = (totals / steps).tolist()
@@ -942,7 +947,7 @@ def supervised_loss_fn(model, data, seed, epoch):
     n, device = len(data["y_train"]), data["x_train"].device
     g = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
     flips = (torch.rand(n, generator=g) < 0.5).to(device)
-    offsets = torch.randint(0, 9, (n, 2), generator=g).to(device)
+    offsets = torch.randint(0, 2 * 4 + 1, (n, 2), generator=g).to(device)   # flip_crop's pad=4
 
     def loss_fn(idx):
         x = flip_crop(data["x_train"][idx], flips[idx], offsets[idx])
@@ -983,8 +988,7 @@ def add_supervised_args(p, figure, seed_help, out_help):
     p.add_argument("--milestones", type=at_least(0), nargs="*", default=None,
                    help="epochs after which lr drops x0.1 (default: half and 3/4 of --epochs, i.e. 80 120)")
     p.add_argument("--weight-decay", type=at_least(0.0, float), default=1e-4)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="numerics (distill.py's --precision; auto: tf32 on CUDA, fp32 on CPU)")
+    add_precision_arg(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

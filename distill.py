@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (ARCHS, BOTTLENECKS, DATASETS, NOISE, NORMS, PRECISIONS, NonFiniteLoss, UserError,
+from common import (ARCHS, BOTTLENECKS, DATASETS, NOISE, NORMS, NonFiniteLoss, UserError, add_precision_arg,
                     append_jsonl, arg_parser, at_least, atomic_save, autocast, balanced_subset, compiled,
                     distillation_loss, epoch_batches, extract_features, flat_params, gather_rows, gaussian_inputs,
                     knn_probe, linear_probe, load_checkpoint, load_dataset, locality_init, make_encoder,
                     make_model, model_from_checkpoint, normalize, open_run_dir, parse_bottleneck, positive,
                     probe_subset, pyplot, read_jsonl, release_run_dir, run_main, save_figure, setup_device, shard, train_steps,
-                    weights_version, world, write_json)
+                    weights_version, world, write_json, write_jsonl)
 
 
 def parse_args(argv=None):
@@ -89,9 +89,7 @@ def parse_args(argv=None):
                                                "with --plot: runs)")
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
                    help="only draw the sweep summaries (Fig. 3, 4, 10, 11, 12, 17, 18) of these finished runs")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="numerics of both networks: fp32, tf32 (CUDA: TF32 convolutions, the authors' runs), "
-                        "bf16 autocast; auto = tf32 on CUDA, fp32 on CPU (README: why not bf16)")
+    add_precision_arg(p)
     p.add_argument("--compile", default="loss", choices=["none", "loss", "all"],
                    help="torch.compile the loss (fuses its 65536-wide passes) or also the student (README, bench.py)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for networks and images")
@@ -154,11 +152,12 @@ def make_loss(student, teacher, x_distill, data, cache=True, compile_batches=())
                      torch.randn(b, m, generator=g).to(x_distill.device)) for b in compile_batches]
         criterion = compiled(distillation_loss, examples)
     codes = teacher_codes(teacher, x_distill, data) if cache else None
-    last_layer = copy.deepcopy(teacher.head)
-    if last_layer.lin2 is not None and last_layer.lin2.weight_norm:   # ||V_:,i|| = 1 (App. A), once
-        with torch.no_grad():
-            last_layer.lin2.weight.copy_(F.normalize(last_layer.lin2.weight, dim=1))
-        last_layer.lin2.weight_norm = False
+    if cache:
+        last_layer = copy.deepcopy(teacher.head)
+        if last_layer.lin2 is not None and last_layer.lin2.weight_norm:   # ||V_:,i|| = 1 (App. A), once
+            with torch.no_grad():
+                last_layer.lin2.weight.copy_(F.normalize(last_layer.lin2.weight, dim=1))
+            last_layer.lin2.weight_norm = False
     version = weights_version(teacher)
 
     def loss(idx):
@@ -212,13 +211,13 @@ def representation_stats(model, x, data):
     was_training = model.training
     model.eval()
     with autocast(x.device):
-        embed = model.encoder(normalize(x, data)).float()
-        z = model.head.bottleneck(embed).float()
+        features = model.encoder(normalize(x, data)).float()
+        z = model.head.bottleneck(features).float()
         logits = model.head.project(z).float()
     model.train(was_training)
     for h in hooks:
         h.remove()
-    return dict(embed_norm=embed.norm(dim=1).mean().item(), code_std=z.std(0).mean().item(),
+    return dict(embed_norm=features.norm(dim=1).mean().item(), code_std=z.std(0).mean().item(),
                 logit_std=logits.std(0).mean().item(),
                 dead_relu=[round(1 - f.float().mean().item(), 4) for f in fired if f is not None])
 
@@ -353,8 +352,7 @@ def main(argv=None):
     if world_size > 1:
         dist.barrier()   # every rank has read the metrics before the master rewrites them
     if master:
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in metrics)
+        write_jsonl(metrics_path, metrics)
 
     # ============ the loss, on the batches of the data-parallel model ============
     train_model = student
@@ -461,7 +459,7 @@ def plot_curves(metrics, path, args):
 # Each run's args.json says what it is; the argument that differs between runs that otherwise
 # agree is the sweep variable, and it picks the figure (FIGURES, at the end).
 
-NOT_SWEPT = RESUMABLE | {"plot"}
+NOT_SWEPT = RESUMABLE   # a rerun may change them: they never make another experiment, nor a sweep
 
 
 def load_runs(dirs):

@@ -13,7 +13,6 @@ distilled student at ℓ = 0 behaves like a fresh init rewound to ℓ = 1-2 epoc
 
 Rerunning the same command resumes at the round and epoch it reached.
 """
-import json
 import os
 
 import torch
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from common import (add_supervised_args, arg_parser, at_least, atomic_save, check_supervised_args, open_run_dir,
                     pyplot, read_jsonl, release_run_dir, run_main, save_figure, setup_device, sgd, supervised_epoch,
-                    supervised_start, UserError)
+                    supervised_start, UserError, write_jsonl)
 
 
 def parse_args(argv=None):
@@ -81,15 +80,6 @@ def density(masks):
     return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
 
 
-def write_rows(path, rows):
-    """metrics.jsonl rewritten whole (temp file + rename): it always matches the state file."""
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
-
-
-# ---------------------------------------------------------------------------------------------
-
 # A rerun may change these and still resume; any other difference means another experiment.
 RESUMABLE = {"device", "out", "plot", "rounds"}   # more rounds extend the same IMP run
 
@@ -133,7 +123,7 @@ def main(argv=None):
                      model=None, optimizer=None)
     if "rows" not in state:   # a state file written before rows were kept in it
         state["rows"] = read_jsonl(metrics_path)[:state["round"]] if os.path.exists(metrics_path) else []
-    write_rows(metrics_path, state["rows"])   # the rounds the state has finished, no more, no fewer
+    write_jsonl(metrics_path, state["rows"])   # the rounds the state has finished, no more, no fewer
     masks = {k: v.to(device) for k, v in state["masks"].items()}
     if state["model"] is None:   # the start of a round: rewind the survivors (Frankle et al. 2019)
         model.load_state_dict(state["rewind"])
@@ -166,7 +156,7 @@ def main(argv=None):
         state.update(round=rnd + 1, epoch=args.rewind_epochs, accs=[], masks=masks, model=None, optimizer=None,
                      rows=[*state["rows"], row])
         atomic_save(state, state_path)
-        write_rows(metrics_path, state["rows"])
+        write_jsonl(metrics_path, state["rows"])
     bar.close()
     rows = state["rows"]
     plot_fig8([args.out], os.path.join(args.out, "fig8.png"))

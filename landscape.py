@@ -27,7 +27,7 @@ import time
 import torch
 from torch.func import functional_call, vmap
 
-from common import (DATASETS, PRECISIONS, arg_parser, at_least, open_run_dir, positive, release_run_dir, atomic_save, autocast, balanced_subset, distillation_loss,
+from common import (DATASETS, add_precision_arg, arg_parser, at_least, open_run_dir, positive, release_run_dir, atomic_save, autocast, balanced_subset, distillation_loss,
                     linear_probe, load_checkpoint, load_dataset, locality_init, make_model,
                     model_from_checkpoint, normalize, probe_subset, pyplot, run_main, save_figure,
                     setup_device, UserError, write_json)
@@ -63,8 +63,7 @@ def parse_args(argv=None):
                    help="grid points evaluated together in one vmapped forward (default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="probe seed and subsets")
     p.add_argument("--out", default="runs/landscape", help="run directory")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="numerics of the networks (distill.py's --precision; auto: tf32 on CUDA, fp32 on CPU)")
+    add_precision_arg(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     for spec in args.points:

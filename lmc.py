@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from common import (accuracy, add_supervised_args, arg_parser, at_least, atomic_save, autocast,
                     check_supervised_args, normalize, open_run_dir, pyplot, read_jsonl, release_run_dir, run_main, save_figure,
-                    setup_device, sgd, supervised_epoch, supervised_start, UserError, write_json)
+                    setup_device, sgd, supervised_epoch, supervised_start, UserError, write_json, write_jsonl)
 
 
 def parse_args(argv=None):
@@ -140,8 +140,7 @@ def main(argv=None):
         errors = path_errors(model, states[i], states[j], gammas, data, args.bn, bn_x)
         rows.append(dict(i=i, j=j, gammas=gammas, errors=errors, barrier=barrier(errors)))
         print(f"copies {i}-{j}: barrier {rows[-1]['barrier']:.2%}")
-    with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_jsonl(os.path.join(args.out, "metrics.jsonl"), rows)
     barriers = [r["barrier"] for r in rows]
     summary = dict(init=args.init.split(":")[0], bn=args.bn, copy_errors=own_errors,
                    barrier_mean=statistics.fmean(barriers),

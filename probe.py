@@ -19,7 +19,7 @@ import statistics
 
 import torch
 
-from common import (ARCHS, DATASETS, PRECISIONS, arg_parser, at_least, make_out_dir, extract_features, knn_probe, linear_probe, load_checkpoint,
+from common import (ARCHS, DATASETS, add_precision_arg, arg_parser, at_least, make_out_dir, extract_features, knn_probe, linear_probe, load_checkpoint,
                     load_dataset, make_encoder, model_from_checkpoint, probe_subset, run_main, setup_device,
                     write_json)
 
@@ -49,8 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--probe-samples", type=at_least(10), nargs="+", default=None, metavar=("N_TRAIN", "N_TEST"),
                    help="cap the probe train (and test, default the same) splits, for quick CPU runs")
     p.add_argument("--out", default=None, help="where probe.md/probe.json go (default: runs/probe_<datasets>)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="numerics of the encoders (distill.py's --precision; auto: tf32 on CUDA, fp32 on CPU)")
+    add_precision_arg(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     for name in args.dataset:
