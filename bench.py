@@ -2,18 +2,20 @@
 
 (a) plain: what peers write, a torchvision-style dataset (PIL image -> ToTensor -> Normalize per
     item) behind a DataLoader, batches copied to the device, the teacher's full forward every step.
-(b) ours: `common.train_epoch` with `common.distill_loss_fn`: data resident on the device as uint8,
+(b) ours: `common.train_epoch` with distill.py's `make_loss`: data resident on the device as uint8,
     batches are index slices, the frozen teacher's bottleneck codes cached once per run so a step
     runs only the teacher's last layer, the loss's 65536-wide elementwise passes fused by
     torch.compile, and a fused AdamW step (plain: torch's default AdamW). Variants take one of
     these away (the teacher recomputed every step, the loss eager) or add channels_last or a
-    compiled student.
+    compiled student, or run under bf16 autocast (ours_bf16).
 
-Same model, loss and autocast (bf16 on CUDA) in every variant. All variants are built up front
+Same model and loss in every variant, at `--precision` (auto: TF32 on CUDA, fp32 on CPU) but for
+ours_bf16. All variants are built up front
 and timed in turn, `--steps` steps each, `--reps` rounds; the median is reported. Also printed:
 achieved FLOP/s (counted with FlopCounterMode) over the device's measured dense matmul peak,
-peak memory of a step (CUDA), and the one-off cost of the teacher cache. The last line reads
-`speedup: X.XX` (ours over plain, VGG11).
+peak memory of a step (CUDA), and the one-off cost of the teacher cache. Ratios are over plain
+(over the first variant listed when plain is not timed); the last line reads `speedup: X.XX`
+(ours over plain, VGG11 if timed), when both are timed.
 
     python bench.py                               # CPU: few steps, a couple of minutes
     python bench.py --device cuda --steps 50      # GPU
@@ -39,8 +41,8 @@ from distill import make_loss, teacher_codes
 
 p = arg_parser(__doc__)
 p.add_argument("--archs", nargs="+", default=["vgg11", "resnet18"])
-p.add_argument("--variants", nargs="+",
-               default=["plain", "ours_nocache", "ours_eager", "ours", "ours_bf16", "ours_cl", "ours_compile"],
+VARIANTS = ["plain", "ours_nocache", "ours_eager", "ours", "ours_bf16", "ours_cl", "ours_compile"]
+p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, metavar="VARIANT",
                help="plain | ours (distill.py's defaults: teacher cache, fused AdamW, compiled loss) | "
                     "ours_nocache (teacher recomputed every step) | ours_eager (loss not compiled) | "
                     "ours_bf16 (+ --precision bf16) | ours_cl (+ channels_last) | "
@@ -314,17 +316,20 @@ def main():
                 step_fn(1)
                 print(f"{arch:9s} {v:13s} peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
                 del step_fn
-        best = max((v for v in rows if v != "plain"), key=rows.get)
+        base = "plain" if "plain" in rows else args.variants[0]
+        best = max((v for v in rows if v != "plain"), key=rows.get, default="plain")
         print(f"{arch:9s} teacher cache: {cache_s:.2f} s per 50k images, once per run; "
-              f"best: {best}; ratios over plain: "
-              + ", ".join(f"{v} {rows[v] / rows['plain']:.2f}" for v in rows if v != "plain"))
-        speedups[arch] = rows["ours"] / rows["plain"]
+              f"best: {best}; ratios over {base}: "
+              + ", ".join(f"{v} {rows[v] / rows[base]:.2f}" for v in rows if v != base))
+        if "plain" in rows and "ours" in rows:
+            speedups[arch] = rows["ours"] / rows["plain"]
     before = loss_peak_mib(distillation_loss_before, args.batch_size, args.out_dim, device)
     after = loss_peak_mib(distillation_loss, args.batch_size, args.out_dim, device)
     one = args.batch_size * args.out_dim * 4 / 2**20
     print(f"loss peak memory, forward + backward on [{args.batch_size} x {args.out_dim}] fp32 logits: before "
           f"{before:.0f} MiB ({before / one:.1f} logit-sized tensors), after {after:.0f} MiB ({after / one:.1f})")
-    print(f"speedup: {speedups.get('vgg11', next(iter(speedups.values()))):.2f}")
+    if speedups:
+        print(f"speedup: {speedups.get('vgg11', next(iter(speedups.values()))):.2f}")
 
 
 if __name__ == "__main__":

@@ -472,6 +472,9 @@ def load_runs(dirs):
         except (OSError, ValueError) as e:
             raise UserError(f"{d}: not a distill.py run directory ({type(e).__name__}: args.json and "
                             f"metrics.jsonl needed)") from None
+        # the default made explicit, so that runs probed on the same data agree on it (Fig. 4's
+        # real runs leave --probe-dataset unset, its Gaussian runs need it)
+        a["probe_dataset"] = a.get("probe_dataset") or (a["dataset"] if a["dataset"] != NOISE else "cifar10")
         if m:
             runs.append(dict(dir=os.path.normpath(d), args=a, metrics=m, final=m[-1], first=m[0]))
     return runs
@@ -611,12 +614,14 @@ def plot_fig18(pairs, out):
             col[1].plot(steps, [m["dist_from_init"] for m in r["metrics"]], "o-")
             col[2].plot(steps, [100 * m["student_linear"] for m in r["metrics"]], "o-", color="C3", label="student")
             col[2].plot(steps, [100 * m["teacher_linear"] for m in r["metrics"]], "o-", color="C0", label="teacher")
-            col[0].set(title=f"{scale([r])}: round {k + 1}", ylabel="KL(teacher || student)")
+            col[0].set(title=f"round {k + 1}" + (" (its student is the teacher of round 2)" if k == 0 else ""),
+                       ylabel="KL(teacher || student)")
             col[1].set(ylabel="distance from init")
             col[2].set(xlabel="step", ylabel="linear probe (%)")
             col[2].legend(fontsize=8)
             rows.append(final_row(r, round=k + 1))
-    fig.suptitle("Fig. 18: a trained student as the teacher of a second round", fontsize=10)
+    fig.suptitle("Fig. 18: a trained student as the teacher of a second round; "
+                 + "; ".join(scale(pair[:1]) for pair in pairs), fontsize=10)
     save_figure(fig, os.path.join(out, "fig18.png"), dpi=110)
     return rows
 
@@ -628,6 +633,22 @@ def restart_pairs(runs):
     return [[by_dir[d], r] for d, r in firsts if d in by_dir]
 
 
+def table5(groups, out):
+    """Table 5: teacher -> student (input) per encoder, linear / k-NN probe (%) at each run's last step."""
+    pct = lambda m, k: f"{100 * m[k]:.1f}" if m.get(k) is not None else "-"
+    cell = lambda m, who: f"{pct(m, who + '_linear')} / {pct(m, who + '_knn')}"
+    lines, rows = ["| arch | steps | teacher | student | input |", "|---|---|---|---|---|"], []
+    for g in groups:
+        for r in sorted(g, key=lambda r: r["args"]["arch"]):
+            lines.append(f"| {r['args']['arch']} | {r['final']['step']} | {cell(r['final'], 'teacher')} | "
+                         f"**{cell(r['final'], 'student')}** | {cell(r['first'], 'input')} |")
+            rows.append(final_row(r, arch=r["args"]["arch"]))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table5.md"), "w") as f:
+        f.write("Table 5: linear / k-NN probe (%), teacher -> student (input)\n\n" + "\n".join(lines) + "\n")
+    return rows
+
+
 FIGURES = {   # sweep variable: (figure, the runs' grouping, its plotting function)
     "alpha": ("fig3", lambda runs: sweep_groups(runs, "alpha", ignore=["student_seed"]), plot_fig3),
     "n_samples": ("fig4", lambda runs: sweep_groups(runs, "n_samples", ignore=["dataset"]), plot_fig4),
@@ -635,6 +656,7 @@ FIGURES = {   # sweep variable: (figure, the runs' grouping, its plotting functi
     "norm": ("fig11", lambda runs: sweep_groups(runs, "norm"), plot_fig11),
     "bottleneck": ("fig12", lambda runs: sweep_groups(runs, "bottleneck"), plot_fig12),
     "teacher_ckpt": ("fig18", restart_pairs, plot_fig18),
+    "arch": ("table5", lambda runs: sweep_groups(runs, "arch"), table5),
 }
 
 
@@ -646,7 +668,8 @@ def plot_sweeps(dirs, out):
         groups = group(runs)
         if groups:
             summary[name] = plot(groups, out)
-            print(f"{out}/{name}.png: {len(summary[name])} runs swept over --{var.replace('_', '-')}")
+            print(f"{out}/{name}.{'md' if name.startswith('table') else 'png'}: {len(summary[name])} runs swept "
+                  f"over --{var.replace('_', '-')}")
     if not summary:
         raise UserError("these runs form no sweep: runs of one sweep differ in exactly one of "
                         + ", ".join("--" + v.replace("_", "-") for v in FIGURES) + " and agree otherwise")

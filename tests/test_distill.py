@@ -191,8 +191,10 @@ def test_plot_finds_each_sweep_from_the_runs_own_arguments(tmp_path):
     fake_run(tmp_path / "m256", 0.42, out_dim=256)
     fake_run(tmp_path / "round2", 0.49, teacher_ckpt=str(base / "last.pt"))
     fake_run(tmp_path / "n100", 0.33, n_samples=100)
-    fake_run(tmp_path / "g100", 0.20, n_samples=100, dataset="gaussian")
-    fake_run(tmp_path / "g512", 0.21, dataset="gaussian")
+    # Gaussian runs name the probe data; the real runs leave --probe-dataset at its default (the same data)
+    fake_run(tmp_path / "g100", 0.20, n_samples=100, dataset="gaussian", probe_dataset="fake")
+    fake_run(tmp_path / "g512", 0.21, dataset="gaussian", probe_dataset="fake")
+    fake_run(tmp_path / "vit", 0.38, arch="vit_tiny")
     dirs = sorted(str(p) for p in tmp_path.iterdir())
     summary = distill.main(["--plot", *dirs, "--out", str(tmp_path / "figs")])
     assert [(r["alpha"], r["student_linear"]) for r in summary["fig3"]] == [(1e-10, 0.50), (0.5, 0.45), (1.0, 0.40)]
@@ -200,6 +202,9 @@ def test_plot_finds_each_sweep_from_the_runs_own_arguments(tmp_path):
     assert [(r["round"], r["student_linear"]) for r in summary["fig18"]] == [(1, 0.50), (2, 0.49)]
     assert sorted((r["dataset"], r["n_samples"], r["student_linear"]) for r in summary["fig4"]) == \
         [("fake", 100, 0.33), ("fake", 512, 0.50), ("gaussian", 100, 0.20), ("gaussian", 512, 0.21)]
+    assert sorted((r["arch"], r["student_linear"]) for r in summary["table5"]) == [("vgg11", 0.50), ("vit_tiny", 0.38)]
+    table5 = (tmp_path / "figs" / "table5.md").read_text()
+    assert "| vit_tiny | 40 | 30.0 / 30.0 | **38.0 / 38.0** | 35.0 / - |" in table5
     assert "fig11" not in summary and "fig12" not in summary   # nobody swept --norm or --bottleneck
     for name in ("fig3", "fig17", "fig4", "fig10", "fig18"):
         assert (tmp_path / "figs" / f"{name}.png").stat().st_size > 10_000

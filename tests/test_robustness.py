@@ -254,3 +254,13 @@ def test_compile_failure_in_the_backward_falls_back_to_eager(monkeypatch, capsys
     err = capsys.readouterr().err
     assert "torch.compile failed (ImportError: main.so: file too short); running eager" in err
     assert "torchinductor" in err and s.grad is None
+
+
+def test_bench_times_any_subset_of_variants_and_refuses_unknown_ones():
+    # ratios are over plain only when plain is timed; a subset without it used to end in a KeyError
+    r = cli("bench.py", "--archs", "resnet20", "--variants", "ours_eager", "ours_nocache", "--batch-size", "4",
+            "--out-dim", "64", "--steps", "1", "--reps", "1", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "ratios over ours_eager: ours_nocache" in r.stdout and "speedup:" not in r.stdout
+    r = cli("bench.py", "--variants", "ours_fast")
+    assert r.returncode == 2 and "invalid choice: 'ours_fast'" in r.stderr and "Traceback" not in r.stderr
