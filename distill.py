@@ -119,6 +119,11 @@ def parse_args(argv=None):
     return args
 
 
+def probe_dataset(args):
+    """The labelled data a run probes on: --probe-dataset, else the distillation set (cifar10 for noise)."""
+    return args.get("probe_dataset") or (args["dataset"] if args["dataset"] != NOISE else "cifar10")
+
+
 # A rerun may change these and still resume; any other difference means another experiment.
 RESUMABLE = {"epochs", "steps", "device", "probe_every", "probe_steps", "out", "data_root", "compile",
              "channels_last", "recompute_teacher", "plot"}
@@ -282,7 +287,7 @@ def main(argv=None):
     ckpt = load_checkpoint(last_path) if os.path.exists(last_path) else None
 
     # ============ data, resident on the device ============
-    probe_name = args.probe_dataset or (args.dataset if args.dataset != NOISE else "cifar10")
+    probe_name = probe_dataset(vars(args))
     distill_size = None if args.dataset in (NOISE, probe_name) else DATASETS[args.dataset][1]
     probe_data = load_dataset(probe_name, args.data_root, device, img_size=distill_size)
     img_size = probe_data["img_size"]
@@ -474,7 +479,7 @@ def load_runs(dirs):
                             f"metrics.jsonl needed)") from None
         # the default made explicit, so that runs probed on the same data agree on it (Fig. 4's
         # real runs leave --probe-dataset unset, its Gaussian runs need it)
-        a["probe_dataset"] = a.get("probe_dataset") or (a["dataset"] if a["dataset"] != NOISE else "cifar10")
+        a["probe_dataset"] = probe_dataset(a)
         if m:
             runs.append(dict(dir=os.path.normpath(d), args=a, metrics=m, final=m[-1], first=m[0]))
     return runs
