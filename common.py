@@ -982,6 +982,10 @@ def add_supervised_args(p, figure, seed_help, out_help):
                    help="'random' (a fresh init θ_S) or 'student:CKPT' (a distilled student's encoder θ*_S)")
     p.add_argument("--dataset", default="cifar10", help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--data-root", default="data")
+    p.add_argument("--n-samples", type=at_least(1), default=None,
+                   help="class-balanced training subset, drawn once from --seed (default: the whole split)")
+    p.add_argument("--test-samples", type=at_least(1), default=None,
+                   help="class-balanced test subset, the same for every --seed (default: the whole split)")
     p.add_argument("--epochs", type=at_least(1), default=160, help="App. E.5: 160")
     p.add_argument("--batch-size", type=at_least(1), default=128, help="App. E.5: 128")
     p.add_argument("--lr", type=positive(), default=0.1, help="SGD, momentum 0.9 (App. E.5)")
@@ -1007,6 +1011,18 @@ def check_supervised_args(p, args):
         args.milestones = [args.epochs // 2, args.epochs * 3 // 4]
 
 
+def recipe_caption(run_dir):
+    """The scale a Fig. 8/9 run was trained at, from its args.json: 'resnet20, 4 epochs, 5000 train
+    / 2000 test images' (titles say the scale, so a CPU-scale figure is not read as the paper's)."""
+    path = os.path.join(run_dir, "args.json")
+    if not os.path.exists(path):
+        return ""
+    a = json.load(open(path))
+    train = f"{a['n_samples']} train" if a.get("n_samples") else "all train"
+    test = f"{a['test_samples']} test" if a.get("test_samples") else "all test"
+    return f"{a['arch']}, {a['epochs']} epochs, {train} / {test} images"
+
+
 def supervised_start(args, device, generator):
     """The classifier at the starting point (a distilled student's encoder, buffers included, or a
     fresh init) with a fresh linear head, and the data at the encoder's resolution."""
@@ -1018,6 +1034,12 @@ def supervised_start(args, device, generator):
             raise UserError(f"--init {path} is a {ckpt['config']['arch']} student, not --arch {args.arch}")
         encoder, img_size = model_from_checkpoint(ckpt, "student", path).encoder, ckpt["config"]["img_size"]
     data = load_dataset(args.dataset, args.data_root, device, img_size=img_size)
+    if args.n_samples:   # a shrunk recipe (README, CPU scale); normalization keeps the whole split's statistics
+        keep = balanced_subset(data["y_train"], args.n_samples, torch.Generator().manual_seed(args.seed))
+        data.update(x_train=data["x_train"][keep], y_train=data["y_train"][keep])
+    if args.test_samples:   # fixed across seeds and runs, so that their accuracies compare on the same images
+        keep = balanced_subset(data["y_test"], args.test_samples, torch.Generator().manual_seed(0), "--test-samples")
+        data.update(x_test=data["x_test"][keep], y_test=data["y_test"][keep])
     if img_size is None:
         encoder = make_encoder(args.arch, generator=generator, img_size=data["img_size"])
     return make_classifier(encoder, data["num_classes"], generator).to(device), data

@@ -27,10 +27,10 @@ import time
 import torch
 from torch.func import functional_call, vmap
 
-from common import (DATASETS, add_precision_arg, arg_parser, at_least, open_run_dir, positive, release_run_dir, atomic_save, autocast, balanced_subset, distillation_loss,
-                    linear_probe, load_checkpoint, load_dataset, locality_init, make_model,
-                    model_from_checkpoint, normalize, probe_subset, pyplot, run_main, save_figure,
-                    setup_device, UserError, write_json)
+from common import (DATASETS, add_precision_arg, arg_parser, at_least, atomic_save, autocast, balanced_subset,
+                    distillation_loss, linear_probe, load_checkpoint, load_dataset, locality_init, make_model,
+                    model_from_checkpoint, normalize, open_run_dir, positive, probe_subset, pyplot, release_run_dir,
+                    run_main, save_figure, setup_device, UserError, write_json)
 
 KINDS = ["teacher", "init", "student"]
 
@@ -87,7 +87,8 @@ def load_point(spec):
         locality_init(teacher, model, a["alpha"])
     else:
         model = model_from_checkpoint(ckpt, kind, path)
-    label = {"teacher": "θ_T", "init": "θ_S(α={alpha:g})", "student": "θ*_S(α={alpha:g})"}[kind]
+    label = {"teacher": r"$\theta_T$", "init": r"$\theta_S(\alpha={alpha:g})$",
+             "student": r"$\theta^*_S(\alpha={alpha:g})$"}[kind]
     return label.format(alpha=ckpt["args"]["alpha"]), ckpt, model
 
 
@@ -139,9 +140,10 @@ def grid_weights(frame, anchors, xs, ys):
 def default_lims(frame, anchors):
     if frame == "interp":   # at 21 points (step 0.1) the anchors are grid points
         return [-0.5, 1.5], [-0.5, 1.5]
+    # a square window (ortho is drawn with equal aspect) around the three points, 20% margin
     lo, hi = anchors.min(0).values, anchors.max(0).values
-    margin = 0.2 * (hi - lo).max()
-    return [(lo[0] - margin).item(), (hi[0] + margin).item()], [(lo[1] - margin).item(), (hi[1] + margin).item()]
+    center, half = (lo + hi) / 2, 0.7 * (hi - lo).max()
+    return [(center[0] - half).item(), (center[0] + half).item()], [(center[1] - half).item(), (center[1] + half).item()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,45 +274,62 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ results and figure
     coords = [[round(v, 6) for v in c] for c in anchors.tolist()]
-    summary = dict(points=list(args.points), labels=list(labels), frame=args.frame, anchor_coords=coords,
+    summary = dict(points=list(args.points), view=view_name(args.points), labels=list(labels), frame=args.frame,
+                   anchor_coords=coords,
                    distances={f"{i}-{j}": math.sqrt(max(gram[i, i] + gram[j, j] - 2 * gram[i, j], 0))
                               for i, j in [(0, 1), (0, 2), (1, 2)]},
                    seconds_per_point=(time.time() - t_grid) / n_new if n_new else None)
     write_json(os.path.join(args.out, "landscape.json"), summary)
-    plot_landscape(grid, anchors, labels, gram, args, os.path.join(args.out, "landscape.png"))
+    plot_landscape(grid, anchors, labels, gram, args, config["arch"], os.path.join(args.out, "landscape.png"))
     release_run_dir(args.out)
     print(f"-> {args.out}/landscape.png")
     return grid
 
 
-def plot_landscape(grid, anchors, labels, gram, args, path):
-    """Loss (log color), probing (and embedding-KL) landscapes with ||theta||_2 contours (Fig. 5/13/15)."""
+def view_name(points):
+    """The paper's name for a plane from the kinds of its three points (Fig. 5)."""
+    kinds = [spec.split(":", 1)[0] for spec in points]
+    return {("teacher", "init", "student"): "non-local view", ("teacher", "student", "student"): "shared view"}.get(
+        tuple(kinds), "plane through " + ", ".join(kinds))
+
+
+def plot_landscape(grid, anchors, labels, gram, args, arch, path):
+    """Loss (log color), probing (and embedding-KL) landscapes as filled contours with ||theta||_2
+    contours and the three points labelled (Fig. 5/13/15)."""
     plt = pyplot()
+    import numpy as np
     from matplotlib.colors import LogNorm
-    xs, ys, n = grid["xs"], grid["ys"], len(grid["xs"])
+    xs, ys, n = np.array(grid["xs"]), np.array(grid["ys"]), len(grid["xs"])
     weights = grid["weights"]
     norm = torch.einsum("pi,ij,pj->p", weights, gram, weights).clamp_min(0).sqrt().view(n, n).numpy()
-    panels = [("kl", "loss landscape (KL)"), ("probe", "probing landscape (linear probe)")]
-    panels += [("embed_kl", "embedding KL")] if "embed_kl" in grid else []
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4))
+    panels = [("kl", "loss landscape: KL(teacher || student)"), ("probe", "probing landscape: linear probe (%)")]
+    panels += [("embed_kl", "embedding KL (encoder)")] if "embed_kl" in grid else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6))
     for ax, (key, title) in zip(axes, panels):
         z = grid[key].view(n, n).numpy()
         if key == "probe":
-            im = ax.pcolormesh(xs, ys, z, shading="nearest", cmap="viridis")
-        else:
-            positive = z[z > 0]   # a KL of exactly 0 (the teacher itself) gets the lowest color
-            z = z.clip(min=positive.min() if positive.size else 1e-12)
-            im = ax.pcolormesh(xs, ys, z, shading="nearest", cmap="magma_r", norm=LogNorm())
-        fig.colorbar(im, ax=ax)
-        cs = ax.contour(xs, ys, norm, levels=8, colors="white", linewidths=0.6, alpha=0.7)
-        ax.clabel(cs, fontsize=6, fmt="%.0f")
+            im = ax.contourf(xs, ys, 100 * z, levels=16, cmap="viridis")
+        else:   # log color; a KL of exactly 0 (the teacher itself) gets the lowest level
+            positive = z[z > 0]
+            lo = positive.min() if positive.size else 1e-12
+            z = z.clip(min=lo)
+            levels = np.geomspace(lo, max(z.max(), lo * 10), 17)
+            im = ax.contourf(xs, ys, z, levels=levels, cmap="magma_r", norm=LogNorm())
+        fig.colorbar(im, ax=ax, format="%.3g")
+        cs = ax.contour(xs, ys, norm, levels=6, colors="white", linewidths=0.6, alpha=0.8)
+        ax.clabel(cs, fontsize=6, fmt="‖θ‖=%.0f")
         for (cx, cy), label in zip(anchors.tolist(), labels):
-            ax.plot(cx, cy, "o", color="cyan", markeredgecolor="black")
-            ax.annotate(label, (cx, cy), textcoords="offset points", xytext=(5, 5), color="cyan", fontsize=8)
+            ax.plot(cx, cy, "o", color="cyan", markeredgecolor="black", zorder=3)
+            ax.annotate(label, (cx, cy), textcoords="offset points", xytext=(5, 5), color="black", fontsize=8,
+                        bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7, lw=0))
         ax.set(title=title, xlim=(xs[0], xs[-1]), ylim=(ys[0], ys[-1]))
         if args.frame == "ortho":
             ax.set_aspect("equal")
-    fig.suptitle(f"{args.frame} frame: {' / '.join(args.points)}", fontsize=8)
+            ax.set(xlabel="distance in parameter space", ylabel="distance in parameter space")
+        else:
+            ax.set(xlabel=f"λ1 (towards {labels[1]})", ylabel=f"λ2 (towards {labels[2]})")
+    fig.suptitle(f"{view_name(args.points)}, {args.frame} frame ({arch}, KL on {args.eval_samples} "
+                 f"training images, probe {args.probe_samples[0]}/{args.probe_samples[1]})", fontsize=10)
     save_figure(fig, path)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import make_classifier, make_encoder
+from common import UserError, load_dataset, make_classifier, make_encoder, recipe_caption
 from conftest import load_script
 
 imp = load_script("imp")
@@ -98,3 +98,25 @@ def test_plot_combines_runs(tmp_path):
     run(tmp_path / "r", "--epochs", "1", "--rounds", "1")
     path = imp.main(["--plot", str(tmp_path / "r"), "--out", str(tmp_path)])
     assert (tmp_path / "fig8.png").stat().st_size > 10_000 and path.endswith("fig8.png")
+    assert recipe_caption(tmp_path / "r") == "resnet20, 1 epochs, all train / all test images"   # the title's scale
+    run(tmp_path / "s", "--epochs", "1", "--rounds", "0", "--n-samples", "200", "--test-samples", "100")
+    assert recipe_caption(tmp_path / "s") == "resnet20, 1 epochs, 200 train / 100 test images"
+
+
+def test_shrunk_recipe_trains_on_a_balanced_subset_and_tests_on_one_fixed_subset():
+    # --n-samples / --test-samples (the CPU-scale recipe in README): class-balanced, the train subset
+    # drawn from --seed, the test subset the same for every seed so runs compare on the same images
+    subsets = {}
+    for seed in (0, 1):
+        args = imp.parse_args([*QUICK, "--n-samples", "100", "--test-samples", "50", "--seed", str(seed)])
+        _, data = imp.supervised_start(args, torch.device("cpu"), torch.Generator().manual_seed(0))
+        assert torch.bincount(data["y_train"]).tolist() == [10] * 10
+        assert torch.bincount(data["y_test"]).tolist() == [5] * 10
+        subsets[seed] = data
+    assert not torch.equal(subsets[0]["x_train"], subsets[1]["x_train"])
+    assert torch.equal(subsets[0]["x_test"], subsets[1]["x_test"])
+    full = load_dataset("fake", "unused", "cpu")
+    assert torch.equal(subsets[0]["mean"], full["mean"])   # normalized with the whole split's statistics
+    args = imp.parse_args([*QUICK, "--test-samples", "55"])
+    with pytest.raises(UserError, match="--test-samples 55"):
+        imp.supervised_start(args, torch.device("cpu"), torch.Generator().manual_seed(0))

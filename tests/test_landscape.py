@@ -93,3 +93,15 @@ def test_coinciding_points_are_a_one_line_error(runs, tmp_path):
     a0 = str(runs / "a1e-10")
     with pytest.raises(UserError, match="same parameters"):
         landscape.main(["--points", "teacher:" + a0, "init:" + a0, "student:" + a0, "--out", str(tmp_path), *FLAGS])
+
+
+def test_eval_subset_larger_than_the_dataset_names_its_own_flag(runs, tmp_path):
+    with pytest.raises(UserError, match="--eval-samples 100000 must be .* at most 510"):
+        landscape.main(["--points", *points(runs), "--resolution", "2", "--out", str(tmp_path),
+                        *FLAGS, "--eval-samples", "100000"])
+
+
+def test_views_are_named_as_in_the_paper():
+    assert landscape.view_name(["teacher:a", "init:a", "student:a"]) == "non-local view"
+    assert landscape.view_name(["teacher:a", "student:b", "student:a"]) == "shared view"
+    assert landscape.view_name(["student:a", "teacher:a", "init:a"]) == "plane through student, teacher, init"
