@@ -159,6 +159,9 @@ def evaluate_batch(model, stacked, weights, eval_data, args):
     # BN statistics: the first point's for every grid point, or (--buffers interpolate) combined like the parameters
     fixed = {k[len("encoder."):]: v for k, v in model.named_buffers() if k.startswith("encoder.")}
     mixed = {k: torch.einsum("pi,i...->p...", w, v) for k, v in eval_data["buffers"].items()}
+    # off the triangle some weights are negative and a combined variance can be too (sqrt -> NaN
+    # everywhere downstream): clamp at 0, BN's eps keeps 1/sqrt(var + eps) finite; anchors are unchanged
+    mixed = {k: v.clamp_min(0) if k.endswith("running_var") else v for k, v in mixed.items()}
     fixed = {k: v for k, v in fixed.items() if k not in mixed}
     embed = vmap(lambda p, b, x: functional_call(model.encoder, (p, b, fixed), (x,)), in_dims=(0, 0, None))
     project = vmap(lambda p, e: functional_call(model.head, (p,), (e,)))
@@ -176,8 +179,12 @@ def evaluate_batch(model, stacked, weights, eval_data, args):
     def features(x):   # [P, N, D]: every point's encoder on the probe images
         with torch.no_grad(), autocast(eval_data["device"]):
             return torch.cat([embed(enc, mixed, normalize(xb, eval_data["data"])).float() for xb in x.split(args.batch_size)], 1)
-    probe = linear_probe(features(eval_data["x_probe_train"]), eval_data["y_probe_train"], features(eval_data["x_probe_test"]), eval_data["y_probe_test"], eval_data["classes"],
+    f_train, f_test = features(eval_data["x_probe_train"]), features(eval_data["x_probe_test"])
+    probe = linear_probe(f_train, eval_data["y_probe_train"], f_test, eval_data["y_probe_test"], eval_data["classes"],
                          epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    # a point whose features overflow has no probe accuracy (argmax of NaN logits would read as chance)
+    finite = (f_train.isfinite().flatten(1).all(1) & f_test.isfinite().flatten(1).all(1)).tolist()
+    probe = [p if ok else float("nan") for p, ok in zip(probe, finite)]
     kl, embed_kl = (kl.double() / len(eval_data["x_eval"])).tolist(), (embed_kl.double() / len(eval_data["x_eval"])).tolist()
     return [dict(kl=kl[i], probe=probe[i], **({"embed_kl": embed_kl[i]} if args.encoder else {})) for i in range(len(w))]
 
@@ -307,11 +314,11 @@ def plot_landscape(grid, anchors, labels, gram, args, arch, path):
     panels += [("embed_kl", "embedding KL (encoder)")] if "embed_kl" in grid else []
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6))
     for ax, (key, title) in zip(axes, panels):
-        z = grid[key].view(n, n).numpy()
+        z = np.ma.masked_invalid(grid[key].view(n, n).numpy())   # non-finite points stay blank
         if key == "probe":
             im = ax.contourf(xs, ys, 100 * z, levels=16, cmap="viridis")
         else:   # log color; a KL of exactly 0 (the teacher itself) gets the lowest level
-            positive = z[z > 0]
+            positive = z[z > 0].compressed()
             lo = positive.min() if positive.size else 1e-12
             z = z.clip(min=lo)
             levels = np.geomspace(lo, max(z.max(), lo * 10), 17)

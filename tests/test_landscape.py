@@ -105,3 +105,12 @@ def test_views_are_named_as_in_the_paper():
     assert landscape.view_name(["teacher:a", "init:a", "student:a"]) == "non-local view"
     assert landscape.view_name(["teacher:a", "student:b", "student:a"]) == "shared view"
     assert landscape.view_name(["student:a", "teacher:a", "init:a"]) == "plane through student, teacher, init"
+
+
+def test_interpolated_bn_statistics_stay_finite_off_the_triangle(runs, tmp_path):
+    # the ortho window lies mostly outside the three points' triangle: some weights are negative and
+    # a combined running_var could be < 0 (NaN KL, and a probe of NaN features reading as chance)
+    grid = landscape.main(["--points", *points(runs), "--frame", "ortho", "--resolution", "5",
+                           "--buffers", "interpolate", "--out", str(tmp_path), *FLAGS])
+    assert (grid["weights"] < 0).any()
+    assert torch.isfinite(grid["kl"]).all() and torch.isfinite(grid["probe"]).all()
