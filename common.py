@@ -1011,16 +1011,18 @@ def check_supervised_args(p, args):
         args.milestones = [args.epochs // 2, args.epochs * 3 // 4]
 
 
-def recipe_caption(run_dir):
-    """The scale a Fig. 8/9 run was trained at, from its args.json: 'resnet20, 4 epochs, 5000 train
-    / 2000 test images' (titles say the scale, so a CPU-scale figure is not read as the paper's)."""
-    path = os.path.join(run_dir, "args.json")
-    if not os.path.exists(path):
-        return ""
-    a = json.load(open(path))
-    train = f"{a['n_samples']} train" if a.get("n_samples") else "all train"
-    test = f"{a['test_samples']} test" if a.get("test_samples") else "all test"
-    return f"{a['arch']}, {a['epochs']} epochs, {train} / {test} images"
+def recipe_captions(run_dirs):
+    """The scales Fig. 8/9 runs were trained at, from their args.json, one line per distinct scale:
+    'resnet20, 4 epochs, 5000 train / 2000 test images' (a CPU-scale figure is not read as the paper's)."""
+    captions = set()
+    for d in run_dirs:
+        path = os.path.join(d, "args.json")
+        if os.path.exists(path):
+            a = json.load(open(path))
+            train = f"{a['n_samples']} train" if a.get("n_samples") else "all train"
+            test = f"{a['test_samples']} test" if a.get("test_samples") else "all test"
+            captions.add(f"{a['arch']}, {a['epochs']} epochs, {train} / {test} images")
+    return sorted(captions)
 
 
 def supervised_start(args, device, generator):

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from common import (add_supervised_args, arg_parser, at_least, atomic_save, check_supervised_args, open_run_dir,
-                    pyplot, read_jsonl, recipe_caption, release_run_dir, run_main, save_figure, setup_device, sgd,
+                    pyplot, read_jsonl, recipe_captions, release_run_dir, run_main, save_figure, setup_device, sgd,
                     supervised_epoch, supervised_start, UserError, write_jsonl)
 
 
@@ -179,7 +179,7 @@ def plot_fig8(run_dirs, path):
         ax.plot([100 * r["density"] for r in rows], [100 * r["final_acc"] for r in rows], "o-", label=label)
     ax.set_xscale("log")
     ax.invert_xaxis()
-    captions = sorted({recipe_caption(d) for d in run_dirs} - {""})
+    captions = recipe_captions(run_dirs)
     ax.set(xlabel="weights remaining (%)", ylabel="test accuracy (%)",
            title="IMP with rewinding (Fig. 8)" + "".join(f"\n{c}" for c in captions))
     ax.grid(alpha=0.3, which="both")

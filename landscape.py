@@ -56,8 +56,9 @@ def parse_args(argv=None):
                    help="the fixed training subset of the KL (at most the dataset's balanced maximum)")
     p.add_argument("--probe-samples", type=at_least(10), nargs=2, default=[10000, 2000], metavar=("N_TRAIN", "N_TEST"),
                    help="probe train/test subsets (class-balanced, fixed)")
-    p.add_argument("--epochs", type=at_least(1), default=10, help="linear-probe epochs (the authors': 10, on 50k images; on ~1000 probe "
-                        "images 10 epochs are ~40 steps and leave the raw probe at chance: use ~100)")
+    p.add_argument("--epochs", type=at_least(1), default=10,
+                   help="linear-probe epochs (the authors': 10, on 50k images; on ~1000 probe images 10 epochs "
+                        "are ~40 steps and leave the raw probe at chance: use ~100)")
     p.add_argument("--lr", type=positive(), default=1e-3, help="linear-probe AdamW learning rate")
     p.add_argument("--batch-size", type=at_least(1), default=256, help="images per forward (and linear-probe batch)")
     p.add_argument("--points-per-batch", type=at_least(1), default=None,

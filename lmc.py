@@ -27,7 +27,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common import (accuracy, add_supervised_args, arg_parser, at_least, atomic_save, autocast,
-                    check_supervised_args, normalize, open_run_dir, pyplot, read_jsonl, recipe_caption,
+                    check_supervised_args, normalize, open_run_dir, pyplot, read_jsonl, recipe_captions,
                     release_run_dir, run_main, save_figure, setup_device, sgd, supervised_epoch, supervised_start,
                     UserError, write_json, write_jsonl)
 
@@ -170,7 +170,7 @@ def plot_fig9(run_dirs, path):
                f"± {100 * summary['barrier_std']:.1f}%, BN {summary['bn']}")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test error (%)")
-    captions = sorted({recipe_caption(d) for d in run_dirs} - {""})
+    captions = recipe_captions(run_dirs)
     if captions:
         fig.suptitle("linear mode connectivity (Fig. 9): " + "; ".join(captions), fontsize=10)
     return save_figure(fig, path)

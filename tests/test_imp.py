@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import UserError, load_dataset, make_classifier, make_encoder, recipe_caption
+from common import UserError, load_dataset, make_classifier, make_encoder, recipe_captions
 from conftest import load_script
 
 imp = load_script("imp")
@@ -98,9 +98,9 @@ def test_plot_combines_runs(tmp_path):
     run(tmp_path / "r", "--epochs", "1", "--rounds", "1")
     path = imp.main(["--plot", str(tmp_path / "r"), "--out", str(tmp_path)])
     assert (tmp_path / "fig8.png").stat().st_size > 10_000 and path.endswith("fig8.png")
-    assert recipe_caption(tmp_path / "r") == "resnet20, 1 epochs, all train / all test images"   # the title's scale
+    assert recipe_captions([tmp_path / "r"]) == ["resnet20, 1 epochs, all train / all test images"]   # the title's scale
     run(tmp_path / "s", "--epochs", "1", "--rounds", "0", "--n-samples", "200", "--test-samples", "100")
-    assert recipe_caption(tmp_path / "s") == "resnet20, 1 epochs, 200 train / 100 test images"
+    assert recipe_captions([tmp_path / "s", tmp_path / "s"]) == ["resnet20, 1 epochs, 200 train / 100 test images"]
 
 
 def test_shrunk_recipe_trains_on_a_balanced_subset_and_tests_on_one_fixed_subset():
