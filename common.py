@@ -1111,7 +1111,7 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes=None, epochs=10, 
     wd 0.01, batch 256, 10 epochs). `standardize` uses the train split's mean/std. Features [P, N, D]
     train P independent probes at once (one batched matmul per step; landscape.py's grid points),
     each exactly as a probe of its own: same init, same batches, per-probe mean loss. Returns a
-    float, or a list of P floats for batched features."""
+    float, or a list of P floats for batched features; NaN where the test logits are not finite."""
     num_classes = num_classes or int(train_y.max()) + 1
     batched = train_f.dim() == 3
     if not batched:
@@ -1136,7 +1136,10 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes=None, epochs=10, 
             loss.backward()
             opt.step()
     with torch.no_grad():
-        acc = (torch.baddbmm(bias, test_f, weight).argmax(-1) == test_y).float().mean(1).tolist()
+        logits = torch.baddbmm(bias, test_f, weight)
+        acc = (logits.argmax(-1) == test_y).float().mean(1)
+        # overflowing features or a diverged probe have no accuracy (argmax of NaN logits reads as chance)
+        acc = torch.where(logits.isfinite().flatten(1).all(1), acc, float("nan")).tolist()
     return acc if batched else acc[0]
 
 

@@ -5,7 +5,7 @@ Three parameter vectors span a plane; on a grid in it we evaluate the teacher-st
 fixed training subset (the loss landscape), the linear-probe accuracy of the encoder (the probing
 landscape) and, with --encoder, the KL between teacher and student *embeddings* (Fig. 15).
 Parameters only are combined; buffers (BN statistics) are those of the first point (or, with
---buffers interpolate, combined likewise).
+--buffers interpolate, combined with the same weights: means linearly, variances in log space).
 
     # non-local view (Fig. 5 left): teacher, the alpha=1 student's init, the trained alpha=1 student
     python landscape.py --points teacher:runs/A1 init:runs/A1 student:runs/A1 --out runs/land_nonlocal
@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--encoder", action="store_true", help="also the KL between embeddings (Fig. 15)")
     p.add_argument("--buffers", default="first", choices=["first", "interpolate"],
                    help="BN statistics at a grid point: the first point's (the authors'), or combined with the "
-                        "same weights as the parameters (then every anchor is exactly its checkpoint)")
+                        "same weights as the parameters, variances in log space (every anchor is exactly its "
+                        "checkpoint)")
     p.add_argument("--arch", default=None, help="checked against the checkpoints (default: theirs)")
     p.add_argument("--dataset", default="cifar10", help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--data-root", default="data")
@@ -148,6 +149,23 @@ def default_lims(frame, anchors):
     return [(center[0] - half).item(), (center[0] + half).item()], [(center[1] - half).item(), (center[1] + half).item()]
 
 
+def combine_bn_statistics(weights, buffers):
+    """BN statistics at grid points `weights` [P, 3] from the three points' stacked buffers [3, ...]
+    (--buffers interpolate). Means combine like the parameters; variances combine in log space
+    (a weighted geometric mean): off the triangle some weights are negative, and a linearly combined
+    variance went negative (clamped at 0, BN then scales by 1/sqrt(eps) ~ 316 per layer) at 36 of 121
+    points of the real ortho grid, whose activations overflowed to inf; the geometric one is positive
+    everywhere and, computed in float64, exactly each anchor's variance at its one-hot weights."""
+    out = {}
+    for k, v in buffers.items():
+        if k.endswith("running_var"):
+            log_var = torch.einsum("pi,i...->p...", weights.double(), v.double().clamp_min(1e-30).log())
+            out[k] = log_var.exp().to(v.dtype)
+        else:
+            out[k] = torch.einsum("pi,i...->p...", weights.to(v.dtype), v)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation: several grid points per forward, their parameters stacked and the model vmapped over them.
 
@@ -157,12 +175,9 @@ def evaluate_batch(model, stacked, weights, eval_data, args):
     params = {k: torch.einsum("pi,i...->p...", w, v) for k, v in stacked.items()}   # one-hot w: exact
     enc = {k[len("encoder."):]: v for k, v in params.items() if k.startswith("encoder.")}
     head = {k[len("head."):]: v for k, v in params.items() if k.startswith("head.")}
-    # BN statistics: the first point's for every grid point, or (--buffers interpolate) combined like the parameters
+    # BN statistics: the first point's for every grid point, or (--buffers interpolate) combined with the same weights
     fixed = {k[len("encoder."):]: v for k, v in model.named_buffers() if k.startswith("encoder.")}
-    mixed = {k: torch.einsum("pi,i...->p...", w, v) for k, v in eval_data["buffers"].items()}
-    # off the triangle some weights are negative and a combined variance can be too (sqrt -> NaN
-    # everywhere downstream): clamp at 0, BN's eps keeps 1/sqrt(var + eps) finite; anchors are unchanged
-    mixed = {k: v.clamp_min(0) if k.endswith("running_var") else v for k, v in mixed.items()}
+    mixed = combine_bn_statistics(weights.to(w.device), eval_data["buffers"])
     fixed = {k: v for k, v in fixed.items() if k not in mixed}
     embed = vmap(lambda p, b, x: functional_call(model.encoder, (p, b, fixed), (x,)), in_dims=(0, 0, None))
     project = vmap(lambda p, e: functional_call(model.head, (p,), (e,)))
@@ -183,9 +198,6 @@ def evaluate_batch(model, stacked, weights, eval_data, args):
     f_train, f_test = features(eval_data["x_probe_train"]), features(eval_data["x_probe_test"])
     probe = linear_probe(f_train, eval_data["y_probe_train"], f_test, eval_data["y_probe_test"], eval_data["classes"],
                          epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    # a point whose features overflow has no probe accuracy (argmax of NaN logits would read as chance)
-    finite = (f_train.isfinite().flatten(1).all(1) & f_test.isfinite().flatten(1).all(1)).tolist()
-    probe = [p if ok else float("nan") for p, ok in zip(probe, finite)]
     kl, embed_kl = (kl.double() / len(eval_data["x_eval"])).tolist(), (embed_kl.double() / len(eval_data["x_eval"])).tolist()
     return [dict(kl=kl[i], probe=probe[i], **({"embed_kl": embed_kl[i]} if args.encoder else {})) for i in range(len(w))]
 

@@ -276,6 +276,18 @@ def test_batched_linear_probes_equal_separate_ones():
     assert batched[0] > batched[1]
 
 
+def test_linear_probe_of_overflowing_features_is_nan_not_chance():
+    g = torch.Generator().manual_seed(0)
+    f_tr, f_te = torch.randn(3, 200, 16, generator=g), torch.randn(3, 80, 16, generator=g)
+    y_tr, y_te = torch.randint(0, 4, (200,), generator=g), torch.randint(0, 4, (80,), generator=g)
+    alone = [linear_probe(f_tr[i], y_tr, f_te[i], y_te, 4, epochs=2, batch_size=32) for i in range(3)]
+    f_te[1, 7, 3] = float("inf")   # one overflowed feature of probe 1 (a landscape point far off its anchors)
+    f_tr[2, 5, 0] = float("nan")   # probe 2 trains on a NaN: its weights diverge
+    batched = linear_probe(f_tr, y_tr, f_te, y_te, 4, epochs=2, batch_size=32)
+    assert batched[0] == alone[0] and math.isnan(batched[1]) and math.isnan(batched[2])
+    assert math.isnan(linear_probe(f_tr[1], y_tr, f_te[1], y_te, 4, epochs=2, batch_size=32))
+
+
 def test_linear_probe_is_deterministic_per_seed():
     f, y = torch.randn(300, 16), torch.arange(300) % 3
     assert linear_probe(f, y, f, y, seed=5) == linear_probe(f, y, f, y, seed=5)

@@ -114,3 +114,16 @@ def test_interpolated_bn_statistics_stay_finite_off_the_triangle(runs, tmp_path)
                            "--buffers", "interpolate", "--out", str(tmp_path), *FLAGS])
     assert (grid["weights"] < 0).any()
     assert torch.isfinite(grid["kl"]).all() and torch.isfinite(grid["probe"]).all()
+
+
+def test_bn_variances_combine_geometrically_positive_and_exact_at_the_anchors():
+    g = torch.Generator().manual_seed(0)
+    var = torch.rand(3, 16, generator=g) * 2 + 0.05           # three points' running_var
+    mean = torch.randn(3, 16, generator=g)
+    w = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0], [5.85, -4.65, -0.2]], dtype=torch.float64)
+    out = landscape.combine_bn_statistics(w, {"bn.running_var": var, "bn.running_mean": mean})
+    assert torch.equal(out["bn.running_var"][:3], var) and torch.equal(out["bn.running_mean"][:3], mean)
+    assert torch.allclose(out["bn.running_var"][3], (var[0] * var[1]).sqrt())   # the geometric mean
+    assert torch.allclose(out["bn.running_mean"][4], 5.85 * mean[0] - 4.65 * mean[1] - 0.2 * mean[2])
+    # where the linear combination goes negative (BN would divide by sqrt(eps)), this one stays positive
+    assert (5.85 * var[0] - 4.65 * var[1] - 0.2 * var[2] < 0).any() and (out["bn.running_var"][4] > 0).all()
