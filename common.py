@@ -11,7 +11,10 @@ import hashlib
 import json
 import math
 import os
+import platform
+import subprocess
 import sys
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -68,6 +71,15 @@ def at_least(lo, kind=int, strict=False):
     return check
 
 
+def seed_type(text):
+    """argparse type of every seed flag: an integer in [0, 2^32) (torch.Generator takes at most 2^64 - 1,
+    and the seeds are combined with epochs and steps)."""
+    v = at_least(0)(text)
+    if v >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^32), got {text}")
+    return v
+
+
 def positive(kind=float):
     """argparse type: a finite number > 0 (learning rates, epsilons)."""
     return at_least(0, kind, strict=True)
@@ -97,12 +109,70 @@ def make_out_dir(out):
 
 _locks = {}   # run directory -> its open lock file; the OS releases the lock when the process exits
 
+# What each script writes into its run directory: a run that predates args.json's "script" entry
+# is known by these files.
+RUN_FILES = {"distill.py": ("last.pt", "best.pt", "fig1.png"), "imp.py": ("state.pt", "fig8.png"),
+             "lmc.py": ("copy0.pt", "summary.json", "fig9.png"), "landscape.py": ("grid.pt", "landscape.json"),
+             "probe.py": ("probe.json", "probe.md")}
 
-def open_run_dir(out, args, may_differ):
+
+def read_args_json(out):
+    """A run directory's args.json as a dict, or None when there is none; one line when it is not a
+    JSON object (an edited or truncated file)."""
+    path = os.path.join(out, "args.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (ValueError, OSError):
+        raise UserError(f"{path} is not valid JSON; restore it or pick another --out") from None
+    if not isinstance(old, dict):
+        raise UserError(f"{path} is not a JSON object of arguments; restore it or pick another --out")
+    return old
+
+
+def run_script(out, old=None):
+    """Which script wrote run directory `out`: its args.json's "script", else the files only that
+    script writes; None for a directory that holds no run."""
+    if old and isinstance(old.get("script"), str):
+        return old["script"]
+    files = set(os.listdir(out)) if os.path.isdir(out) else set()
+    found = [s for s, names in RUN_FILES.items() if files & set(names)]
+    return found[0] if len(found) == 1 else None
+
+
+def check_run_kind(out, script, what="--plot"):
+    """Refuse in one line a run directory that another script wrote (e.g. an IMP run given to
+    distill.py --plot); returns its args.json (a dict, or {} when it has none)."""
+    old = read_args_json(out) if os.path.isdir(out) else None
+    other = run_script(out, old)
+    if other is not None and other != script:
+        raise UserError(f"{what} {out}: a run directory of {other}, not of {script}")
+    return old or {}
+
+
+def load_state(path):
+    """A run's resume file (last.pt, state.pt, copy<i>.pt, grid.pt) as a dict, memory-mapped (only
+    what is read is loaded); one line when it is unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); move it away to start over") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a resume file of this project; move it away to start over")
+    return state
+
+
+def open_run_dir(out, args, may_differ, script, defaults=None, state_files=(), write=True):
     """Make `out` this process's run directory, or refuse in one line: while another process holds
-    it (an exclusive lock on <out>/.lock), or when it holds another experiment (its args.json
-    differs in a key outside `may_differ`, the arguments a rerun may change). Removes temp files
-    that a killed checkpoint write left behind. Writes args.json."""
+    it (an exclusive lock on <out>/.lock), when another script wrote it, or when it holds another
+    experiment. The truth about what a run is are the arguments its resume files (`state_files`,
+    e.g. last.pt) were written with, else its args.json: they must agree with `args` on every key
+    outside `may_differ` (the arguments a rerun may change); a key an older run lacks is a flag
+    added since, and that run had its value in `defaults`. Removes temp files that a killed write
+    left behind. Writes args.json (with the script's name) unless `write` is False: a script with
+    checks of its own to make first (the data, the model) then calls `write_args` after them."""
     import fcntl
     make_out_dir(out)
     lock = _locks.get(os.path.realpath(out)) or open(os.path.join(out, ".lock"), "w")
@@ -111,30 +181,90 @@ def open_run_dir(out, args, may_differ):
     except OSError:
         raise UserError(f"--out {out} is in use by another running process; wait for it or pick another --out") from None
     _locks[os.path.realpath(out)] = lock
-    args_path = os.path.join(out, "args.json")
     results = [f for f in os.listdir(out) if f not in (".lock", "args.json") and ".tmp" not in f]
-    old = None
-    if os.path.exists(args_path):
-        try:
-            with open(args_path) as f:
-                old = json.load(f)
-        except ValueError:
-            raise UserError(f"{args_path} is not valid JSON; restore it or pick another --out") from None
-    elif "last.pt" in results:   # args.json lost: the checkpoint knows its arguments
-        old = load_checkpoint(os.path.join(out, "last.pt")).get("args", {})
-    if old is not None:
-        # a key that older runs lack is a flag added since: they ran with its default
-        diff = sorted(k for k in args if k not in may_differ and k in old and old[k] != args[k])
-        if diff and results:
-            was = ", ".join("--" + k.replace("_", "-") + f" {old.get(k)}" for k in diff)
-            raise UserError(f"{out} holds a run with other arguments ({was}); rerun with those or pick another --out")
-    elif results:
+    old = read_args_json(out)
+    other = run_script(out, old) if results or old else None
+    if other is not None and other != script:
+        raise UserError(f"--out {out} is a run directory of {other}; {script} does not write into it: "
+                        f"pick another --out")
+    truth, source = old, "args.json"
+    for name in state_files:   # the checkpoint is the truth: an edited args.json cannot change what it holds
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            saved = load_state(path).get("args")
+            if saved is not None:
+                if not isinstance(saved, dict):
+                    raise UserError(f"{path} holds no arguments dict; move it away to start over")
+                truth, source = saved, name
+                break
+            if old is None:   # an old resume file without arguments and no args.json: nothing to check
+                raise UserError(f"{out} holds {name} but no args.json: not a run of this command; pick another --out")
+    if truth is not None and (results or source != "args.json"):
+        defaults = defaults or {}
+        diff = sorted(k for k in args if k not in may_differ and k != "script"
+                      and (k in truth or k in defaults) and truth.get(k, defaults.get(k)) != args[k])
+        if diff:
+            was = ", ".join("--" + k.replace("_", "-") + f" {truth.get(k, defaults.get(k))}" for k in diff)
+            raise UserError(f"{out} holds a run with other arguments ({was}, per its {source}); rerun with "
+                            f"those or pick another --out")
+    elif results and truth is None:
         raise UserError(f"{out} holds {', '.join(sorted(results)[:3])} but no args.json: not a run of this "
                         f"command; pick another --out")
-    for f in os.listdir(out):   # what a kill during atomic_save leaves
-        if ".pt.tmp" in f:
+    for f in os.listdir(out):   # what a kill during atomic_save / write_json leaves
+        if ".tmp" in f:
             os.remove(os.path.join(out, f))
-    write_json(args_path, args)
+    if write:
+        write_args(out, script, args)
+
+
+def write_args(out, script, args):
+    """<out>/args.json: the script's name and its arguments (a resume rewrites the ones it may change)."""
+    write_json(os.path.join(out, "args.json"), {"script": script, **args})
+
+
+def git_commit():
+    """The commit of the code that is running, '+dirty' when tracked files differ from it; None outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=30).stdout.strip()
+    try:
+        sha = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "") if sha else None
+
+
+def machine_name(device):
+    """The GPU's name, or the CPU model (what a timing or a float rounding depends on)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def data_record(*datasets):
+    """What a run read: per dataset its root, pixel fingerprint, split sizes and resolution."""
+    return {d["name"]: dict(root=d["root"], fingerprint=d["fingerprint"], train=len(d["y_train"]),
+                            test=len(d["y_test"]), img_size=d["img_size"]) for d in datasets}
+
+
+def provenance_segment(device, start_step):
+    """One stretch of a run in one process: the code, torch, machine and numerics that made it
+    (`--precision auto` resolved); a resumed run appends a segment."""
+    return dict(commit=git_commit(), torch=str(torch.__version__), python=platform.python_version(),
+                machine=machine_name(device), device=str(device), precision=_precision,
+                start_step=start_step, started=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=0.0)
+
+
+def write_provenance(out, script, data, segments):
+    """<out>/provenance.json: the data a run read and every segment that ran it, with the total wall time."""
+    write_json(os.path.join(out, "provenance.json"),
+               dict(script=script, data=data, wall_time_s=round(sum(s["seconds"] for s in segments), 1),
+                    segments=segments))
 
 
 def release_run_dir(out):
@@ -162,21 +292,22 @@ def read_jsonl(path):
 
 def write_jsonl(path, rows):
     """Rewrite a JSON-lines file whole (temp file + rename): a crash leaves the old one or the new one."""
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def append_jsonl(path, row):
     """Append one row; a row that a crash cut short is dropped by `read_jsonl`, and the next row
     starts on a line of its own."""
-    with open(path, "a+") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() > 0:
-            f.seek(f.tell() - 1)
-            if f.read(1) != "\n":
-                f.write("\n")
-        f.write(json.dumps(row) + "\n")
+    try:
+        with open(path, "a+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(f.tell() - 1)
+                if f.read(1) != "\n":
+                    f.write("\n")
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot append to {path} ({e.strerror}); its earlier rows are kept") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,6 +431,10 @@ def make_encoder(arch, norm=None, generator=None, img_size=32):
         raise UserError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
     if arch in VITS and norm != "layer":
         raise UserError(f"{arch} uses LayerNorm; --norm applies to the convnets only")
+    smallest = 32 if arch in VGG_CFGS else 8 if arch in VITS else 1   # five 2x2 max-pools; one 8x8 patch
+    if img_size < smallest:
+        raise UserError(f"{arch} needs images of at least {smallest}x{smallest} px, these are {img_size}x{img_size}; "
+                        f"resize them first")
     if arch in VGG_CFGS:
         enc, embed = vgg(VGG_CFGS[arch], norm), 512 * (img_size // 32) ** 2
     elif arch in RESNETS:
@@ -497,14 +632,29 @@ def _torchvision_split(name, root, train):
     return x, y
 
 
+def _rgb8(im, path):
+    """An opened image as uint8 RGB [H, W, 3]. 16-bit grayscale (PNG's I;16, or I from older
+    Pillow) is scaled to 8 bits: convert("RGB") would clip it to 255, a white image. Modes without
+    a fixed range (32-bit integer or float, e.g. from TIFF) are refused."""
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
+        gray = np.asarray(im).astype(np.float64) * (255 / 65535)
+        return np.repeat(gray.round().clip(0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+    if im.mode in ("I", "F"):
+        raise UserError(f"{path} is a {'32-bit integer' if im.mode == 'I' else 'float'} image (mode {im.mode}) "
+                        f"with no fixed range; convert it to 8-bit RGB first")
+    return np.asarray(im.convert("RGB"))
+
+
 def _decode(files):
     """Decode image files into one uint8 [N, 3, H, W] tensor; an unreadable file or one of another
     size is refused with its path (silently dropping it would change the dataset)."""
+    if not files:
+        raise UserError("no image files to decode")
     imgs = []
     for f in files:
         try:
             with Image.open(f) as im:
-                imgs.append(np.asarray(im.convert("RGB")))
+                imgs.append(_rgb8(im, f))
         except (OSError, SyntaxError, ValueError) as e:   # empty, truncated, not an image
             raise UserError(f"cannot read image {f} ({type(e).__name__}: {str(e)[:80]}); "
                             f"remove or replace it") from None
@@ -515,12 +665,27 @@ def _decode(files):
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
 
 
+def _walk_images(class_dir):
+    """Every file under a class folder, sorted, following symlinked folders but never one whose real
+    path was already walked (a symlink loop such as `ln -s . loop` would repeat the folder ~40 deep)."""
+    seen, walked = set(), []
+    for dirpath, dirnames, names in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in seen]
+        walked.append((dirpath, sorted(names)))
+    return [os.path.join(d, n) for d, names in sorted(walked) for n in names]   # folder by folder, as before
+
+
 def _imagefolder_files(root, train):
     """(files, labels, classes) of ROOT/train or ROOT/test, through torchvision's ImageFolder
     rules: class folders sorted, files by image extension (IMG_EXTENSIONS). Both splits use the
     class list of train/, so a class folder that only one split has cannot shift the other's labels.
     Files that are not images by extension (README.txt, Thumbs.db) are skipped and counted on
-    stderr, as ImageFolder skips them."""
+    stderr, as ImageFolder skips them; an image name that points nowhere (a dangling symlink) is refused."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
     split = "train" if train else "test"
     split_dir = os.path.join(root, split)
@@ -537,14 +702,14 @@ def _imagefolder_files(root, train):
                         f"labels come from train/'s classes, so remove them or add them to train/")
     files, labels, skipped = [], [], []
     for c in split_classes:
-        for dirpath, _, names in sorted(os.walk(os.path.join(split_dir, c), followlinks=True)):
-            for name in sorted(names):
-                path = os.path.join(dirpath, name)
-                if has_file_allowed_extension(name, IMG_EXTENSIONS):
-                    files.append(path)
-                    labels.append(class_to_idx[c])
-                else:
-                    skipped.append(path)
+        for path in _walk_images(os.path.join(split_dir, c)):
+            if not has_file_allowed_extension(path, IMG_EXTENSIONS):
+                skipped.append(path)
+            elif not os.path.isfile(path):
+                raise UserError(f"{path} is a link to nothing (or not a file); remove it or restore its target")
+            else:
+                files.append(path)
+                labels.append(class_to_idx[c])
     if skipped:
         print(f"{split_dir}: skipped {len(skipped)} files that are not images by extension "
               f"(e.g. {skipped[0]})", file=sys.stderr)
@@ -558,12 +723,14 @@ def _imagefolder_files(root, train):
     return files, labels, classes
 
 
-def _fingerprint(files, root):
-    """What a decoded cache was built from: every file's path (relative to root), size and mtime, hashed."""
+def _fingerprint(files, labels, root):
+    """What a decoded cache was built from: every file's path (relative to root), label, size and
+    mtime, hashed. The label is in it because it comes from train/'s class list: a class folder
+    added to train/ only shifts test/'s labels without changing any test file."""
     h = hashlib.sha1()
-    for f in files:
+    for f, y in zip(files, labels):
         st = os.stat(f)
-        h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{os.path.relpath(f, root)}\0{y}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -575,15 +742,27 @@ def _tinyimagenet_split(root, train):
                 "http://cs231n.stanford.edu/tiny-imagenet-200.zip", root)
         except Exception as e:
             raise _missing("tinyimagenet", root, f" and the download failed ({type(e).__name__})") from None
+    partly = lambda what: _missing("tinyimagenet", root, f" (partly extracted? {what}); extract the whole archive")
+    if not os.path.isdir(os.path.join(base, "train")):
+        raise partly("no train/ folder")
     wnids = sorted(os.listdir(os.path.join(base, "train")))
     index = {w: i for i, w in enumerate(wnids)}
     if train:
         files = sorted(glob.glob(os.path.join(base, "train", "*", "images", "*.JPEG")))
         labels = [index[f.split(os.sep)[-3]] for f in files]
+        empty = sorted(set(wnids) - {wnids[y] for y in labels})
+        if not wnids or empty:
+            raise partly(f"train/{empty[0] if empty else ''} has no images")
     else:   # the labelled val split serves as test set
-        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
-            rows = sorted(line.split("\t")[:2] for line in f)
+        try:
+            with open(os.path.join(base, "val", "val_annotations.txt")) as f:
+                rows = sorted(line.split("\t")[:2] for line in f if line.strip())
+        except OSError:
+            raise partly("no val/val_annotations.txt") from None
         files = [os.path.join(base, "val", "images", r[0]) for r in rows]
+        missing = [f for f in files if not os.path.isfile(f)] or [r[1] for r in rows if r[1] not in index]
+        if missing or not files:
+            raise partly(f"{missing[0] if missing else 'val/images'} missing")
         labels = [index[r[1]] for r in rows]
     return _decode(files), torch.tensor(labels)
 
@@ -611,7 +790,7 @@ def load_split(name, root, train):
     cache = os.path.join(root, f"{name}-{'train' if train else 'test'}.uint8.pt")
     if name == "imagefolder":
         files, labels, _ = _imagefolder_files(root, train)
-        key = _fingerprint(files, root)
+        key = _fingerprint(files, labels, root)
     else:
         key = name   # torchvision's files and the Tiny ImageNet archive are not edited in place
     if os.path.exists(cache):
@@ -630,8 +809,8 @@ def load_split(name, root, train):
         x, y = _torchvision_split(name, root, train)
     try:
         atomic_save({"x": x, "y": y, "key": key}, cache)
-    except OSError:
-        pass   # read-only data directory: decode again next time
+    except UserError:
+        pass   # a read-only or full data directory: decode again next time
     return x, y
 
 
@@ -639,6 +818,14 @@ def load_dataset(name, root, device, img_size=None):
     """The train and test splits of a labelled dataset, resident on `device`, with what it takes
     to normalize a batch. `img_size` resizes (transfer, Tables 2/4: to the distillation resolution)."""
     (x_tr, y_tr), (x_te, y_te) = load_split(name, root, True), load_split(name, root, False)
+    (h, w), (h_te, w_te) = x_tr.shape[-2:], x_te.shape[-2:]
+    if h != w:
+        raise UserError(f"{name} under {root}: the images are {w}x{h}; the encoders take square images, "
+                        f"crop or resize them first")
+    if (h, w) != (h_te, w_te):
+        raise UserError(f"{name} under {root}: the training images are {w}x{h} but the test images {w_te}x{h_te}; "
+                        f"resize them to one size")
+    fingerprint = data_fingerprint(name, x_tr, y_tr, x_te, y_te)   # before any resize: the data as read
     if img_size is not None and img_size != x_tr.shape[-1]:
         x_tr, x_te = resize(x_tr, img_size), resize(x_te, img_size)
     classes, _, mean, std = DATASETS[name]
@@ -649,10 +836,21 @@ def load_dataset(name, root, device, img_size=None):
             s1, s2 = s1 + c.sum((0, 2, 3)), s2 + (c ** 2).sum((0, 2, 3))
         n = x_tr.numel() / 3
         mean, std = (s1 / n).tolist(), ((s2 / n - (s1 / n) ** 2) * n / (n - 1)).clamp_min(1e-6).sqrt().tolist()
-    return dict(name=name, x_train=x_tr.to(device), y_train=y_tr.to(device), x_test=x_te.to(device),
+    return dict(name=name, root=root, fingerprint=fingerprint,
+                x_train=x_tr.to(device), y_train=y_tr.to(device), x_test=x_te.to(device),
                 y_test=y_te.to(device), num_classes=classes or int(y_tr.max()) + 1,
                 img_size=x_tr.shape[-1], mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
                 std=torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+def data_fingerprint(name, *tensors):
+    """What identifies a dataset whatever its path: a hash of its pixels and labels (12 hex digits).
+    Two runs on different trees (or a tree edited between a run and its resume) differ here."""
+    h = hashlib.sha1(name.encode())
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().data)
+    return h.hexdigest()[:12]
 
 
 def resize(x, size):
@@ -699,6 +897,7 @@ def gaussian_inputs(n, img_size, generator):
 
 PRECISIONS = ["auto", "fp32", "tf32", "bf16"]
 _autocast_dtype = None   # set once per process by setup_device: None (full precision) or torch.bfloat16
+_precision = None        # the precision in use, `auto` resolved (what provenance.json records)
 
 
 def setup_device(device, precision="auto"):
@@ -726,7 +925,7 @@ def setup_device(device, precision="auto"):
 
 def set_precision(precision, device):
     """The numerics of `--precision` for this process (see setup_device); returns the resolved name."""
-    global _autocast_dtype
+    global _autocast_dtype, _precision
     if precision not in PRECISIONS:
         raise UserError(f"unknown --precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -736,6 +935,7 @@ def set_precision(precision, device):
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = False
     _autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    _precision = precision
     return precision
 
 
@@ -974,7 +1174,7 @@ def supervised_epoch(model, optimizer, data, epoch, lr, milestones, batch_size, 
 def add_supervised_args(p, figure, seed_help, out_help):
     """The flags of the App. E.5 recipe, its starting point, the run directory and `--plot`,
     shared by imp.py (Fig. 8) and lmc.py (Fig. 9)."""
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--seed", type=seed_type, default=0, help=seed_help)
     p.add_argument("--out", default=None, help=f"run directory (default: {out_help}; with --plot: runs)")
     p.add_argument("--plot", nargs="+", metavar="DIR", help=f"only draw {figure} from these run directories")
     p.add_argument("--arch", default="resnet18", help=f"encoder, one of: {', '.join(ARCHS[:-1])}")
@@ -1146,13 +1346,23 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes=None, epochs=10, 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: plain dicts of tensors and primitives (torch.load(weights_only=True)), atomic writes.
 
+def write_failed(path, e):
+    """A failed write (a full disk, a read-only or vanished directory) as one line that says what is kept."""
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:100]
+    kept = f"the previous {os.path.basename(path)} is kept" if os.path.exists(path) else "nothing was written there"
+    return UserError(f"cannot write {path} ({why}); {kept}")
+
+
 def atomic_save(obj, path):
-    """Write to a temp file, then rename: a crash mid-write never leaves a truncated checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write to a temp file, then rename: a crash or a full disk mid-write never leaves a truncated
+    checkpoint (torch.save reports a full disk as a RuntimeError)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        raise write_failed(path, e) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -1208,5 +1418,19 @@ def save_figure(fig, path, dpi=120):
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+    """Write a JSON file through a temp file + rename: a crash or a full disk leaves the old file whole."""
+    write_text(path, json.dumps(obj, indent=2))
+
+
+def write_text(path, text):
+    """Write a small text file (JSON, a Markdown table) atomically; a failure is one line."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_failed(path, e) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

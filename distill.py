@@ -30,12 +30,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (ARCHS, BOTTLENECKS, DATASETS, NOISE, NORMS, NonFiniteLoss, UserError, add_precision_arg,
-                    append_jsonl, arg_parser, at_least, atomic_save, autocast, balanced_subset, compiled,
-                    distillation_loss, epoch_batches, extract_features, flat_params, gather_rows, gaussian_inputs,
-                    knn_probe, linear_probe, load_checkpoint, load_dataset, locality_init, make_encoder,
-                    make_model, model_from_checkpoint, normalize, open_run_dir, parse_bottleneck, positive,
-                    probe_subset, pyplot, read_jsonl, release_run_dir, run_main, save_figure, setup_device, shard, train_steps,
-                    weights_version, world, write_json, write_jsonl)
+                    append_jsonl, arg_parser, at_least, atomic_save, autocast, balanced_subset, check_run_kind,
+                    compiled, data_record, distillation_loss, epoch_batches, extract_features, flat_params,
+                    gather_rows, gaussian_inputs, knn_probe, linear_probe, load_checkpoint, load_dataset,
+                    locality_init, make_encoder, make_model, model_from_checkpoint, normalize, open_run_dir,
+                    parse_bottleneck, positive, probe_subset, provenance_segment, pyplot, read_jsonl,
+                    release_run_dir, run_main, save_figure, seed_type, setup_device, shard, train_steps,
+                    weights_version, world, write_args, write_json, write_jsonl, write_provenance)
 
 
 def parse_args(argv=None):
@@ -73,9 +74,9 @@ def parse_args(argv=None):
                         "produced the paper's tables: the last layer's weight norm had no effect)")
     p.add_argument("--norm", default=None, choices=NORMS,
                    help="swap the encoder's norm layers (Fig. 11); default: the arch's own")
-    p.add_argument("--teacher-seed", type=int, default=0, help="seed of the random teacher theta_T")
-    p.add_argument("--student-seed", type=int, default=1, help="seed of the fresh init theta_R mixed in by alpha")
-    p.add_argument("--seed", type=int, default=0, help="data order, subsets and probe seeds")
+    p.add_argument("--teacher-seed", type=seed_type, default=0, help="seed of the random teacher theta_T")
+    p.add_argument("--student-seed", type=seed_type, default=1, help="seed of the fresh init theta_R mixed in by alpha")
+    p.add_argument("--seed", type=seed_type, default=0, help="data order, subsets and probe seeds")
     p.add_argument("--teacher-ckpt", default=None,
                    help="restart (App. D.1): this run's trained student becomes the frozen teacher")
     p.add_argument("--probe-every", type=at_least(1), default=5, help="probe every N epochs (and at the last step)")
@@ -280,24 +281,27 @@ def main(argv=None):
     # ============ run directory: one experiment, resumed from its last checkpoint ============
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if master:
-        open_run_dir(args.out, vars(args), RESUMABLE)
+    if master:   # the defaults: what a run that predates a flag ran with
+        open_run_dir(args.out, vars(args), RESUMABLE, "distill.py", defaults=vars(parse_args([])),
+                     state_files=["last.pt"], write=False)   # args.json once the data and model are checked
     if world_size > 1:
         dist.barrier()
     ckpt = load_checkpoint(last_path) if os.path.exists(last_path) else None
 
     # ============ data, resident on the device ============
     probe_name = probe_dataset(vars(args))
-    distill_size = None if args.dataset in (NOISE, probe_name) else DATASETS[args.dataset][1]
-    probe_data = load_dataset(probe_name, args.data_root, device, img_size=distill_size)
+    distill_data = None   # whose normalization the distillation inputs get
+    if args.dataset not in (NOISE, probe_name):   # distill on one dataset, probe on another (Tables 2/4)
+        distill_data = load_dataset(args.dataset, args.data_root, device)
+    # the probe images at the distillation resolution (transfer: resized)
+    probe_data = load_dataset(probe_name, args.data_root, device, img_size=distill_data and distill_data["img_size"])
+    distill_data = distill_data or probe_data
+    data_read = data_record(*{d["name"]: d for d in (distill_data, probe_data)}.values())
     img_size = probe_data["img_size"]
-    distill_data = probe_data   # whose normalization the distillation inputs get
     if args.dataset == NOISE:
         g = torch.Generator().manual_seed(args.seed)
         x_distill = gaussian_inputs(args.n_samples or len(probe_data["x_train"]), img_size, g).to(device)
     else:
-        if args.dataset != probe_name:   # distill on one dataset, probe on another (Tables 2/4)
-            distill_data = load_dataset(args.dataset, args.data_root, device)
         x_distill = distill_data["x_train"]
         if args.n_samples:
             g = torch.Generator().manual_seed(args.seed)
@@ -341,19 +345,28 @@ def main(argv=None):
                                   lr=args.lr, eps=args.adam_eps, fused=True)   # one kernel, CPU too
 
     # ============ resume ============
-    step, best, metrics = 0, -1.0, []
+    step, best, metrics, segments = 0, -1.0, [], []
     if ckpt is not None:
         if ckpt["config"] != config:
             raise UserError(f"{last_path} is a {ckpt['config']}, this run builds {config}")
+        was, now = ({k: v["fingerprint"] for k, v in d.items()} for d in (ckpt.get("data", data_read), data_read))
+        if was != now:   # the same arguments on other (or edited) data: the root may move, the pixels may not
+            raise UserError(f"{last_path} was trained on other data (fingerprints {was}); --data-root "
+                            f"{args.data_root} holds {now}")
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best = ckpt.get("step", ckpt["epoch"] * steps_per_epoch), ckpt["best"]
-        if not os.path.exists(metrics_path):
+        segments = ckpt.get("provenance", [])
+        if "metrics" in ckpt:   # the rows up to the checkpoint travel with it
+            metrics = ckpt["metrics"]
+        elif os.path.exists(metrics_path):   # a checkpoint older than that: rows past it are a killed tail
+            metrics = [m for m in read_jsonl(metrics_path) if m.get("step", math.inf) <= step]
+        else:
             raise UserError(f"{last_path} exists but {metrics_path} does not; restore it or pick another --out")
-        metrics = [m for m in read_jsonl(metrics_path) if m.get("step", math.inf) <= step]   # rows past last.pt: the killed tail
         if master:
             print(f"resuming {args.out} from step {step}")
+    segments = [*segments, provenance_segment(device, step)]
     if world_size > 1:
         dist.barrier()   # every rank has read the metrics before the master rewrites them
     if master:
@@ -388,6 +401,9 @@ def main(argv=None):
 
     # ============ distillation, probing at each point ============
     t0 = time.time()
+    if master:
+        write_args(args.out, "distill.py", vars(args))
+        write_provenance(args.out, "distill.py", data_read, segments)
     bar = tqdm(total=total, initial=step, desc=f"distill {args.arch}", dynamic_ncols=True, disable=not master)
     points = probe_points(step, total, steps_per_epoch=steps_per_epoch, probe_every=args.probe_every,
                           probe_steps=args.probe_steps)
@@ -413,14 +429,17 @@ def main(argv=None):
             train_stats["ce"] = train_stats.pop("loss")
             row = metrics_row(step, {**train_stats, **adam_update_stats(optimizer)})
         metrics.append(row)
-        if master:
-            append_jsonl(metrics_path, row)
+        if master:   # the checkpoint first, then the row: metrics.jsonl never runs ahead of last.pt
             improved, best = row["student_linear"] > best, max(best, row["student_linear"])
-            state = dict(config=config, args=vars(args), step=step, epoch=row["epoch"], best=best,
+            segments[-1]["seconds"] = round(time.time() - t0, 1)
+            state = dict(config=config, args=vars(args), data=data_read, step=step, epoch=row["epoch"], best=best,
                          student=student.state_dict(), teacher=teacher.state_dict())
+            atomic_save(dict(state, optimizer=optimizer.state_dict(), metrics=metrics, provenance=segments),
+                        last_path)   # the resume point
             if improved:   # the authors' selection: the best raw linear probe
                 atomic_save(state, best_path)
-            atomic_save(dict(state, optimizer=optimizer.state_dict()), last_path)   # the resume point
+            append_jsonl(metrics_path, row)
+            write_provenance(args.out, "distill.py", data_read, segments)
             plot_curves(metrics, os.path.join(args.out, "fig1.png"), args)
             tqdm.write(f"step {step:6d} | ce {row['ce']:.6f} kl {row['kl']:.3e} dist {row['dist_from_init']:.3f} "
                        f"| linear student {row['student_linear']:.2%} teacher {row['teacher_linear']:.2%} "
@@ -470,19 +489,32 @@ NOT_SWEPT = RESUMABLE   # a rerun may change them: they never make another exper
 def load_runs(dirs):
     runs = []
     for d in dirs:
+        a = check_run_kind(d, "distill.py")
         try:
-            with open(os.path.join(d, "args.json")) as f:
-                a = json.load(f)
             m = read_jsonl(os.path.join(d, "metrics.jsonl"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{d}: not a distill.py run directory ({type(e).__name__}: args.json and "
+        except OSError as e:
+            raise UserError(f"--plot {d}: not a distill.py run directory ({type(e).__name__}: args.json and "
                             f"metrics.jsonl needed)") from None
+        if not a:
+            raise UserError(f"--plot {d}: not a distill.py run directory (no args.json)")
         # the default made explicit, so that runs probed on the same data agree on it (Fig. 4's
         # real runs leave --probe-dataset unset, its Gaussian runs need it)
         a["probe_dataset"] = probe_dataset(a)
+        # the data a run read is part of what it is: two ImageFolder trees are two datasets
+        a["data"] = read_fingerprints(d) or (a.get("data_root") if "imagefolder" in (a["dataset"], a["probe_dataset"])
+                                             else None)
         if m:
             runs.append(dict(dir=os.path.normpath(d), args=a, metrics=m, final=m[-1], first=m[0]))
     return runs
+
+
+def read_fingerprints(run_dir):
+    """{dataset: pixel fingerprint} from a run's provenance.json; None for runs older than it."""
+    try:
+        with open(os.path.join(run_dir, "provenance.json")) as f:
+            return {k: v["fingerprint"] for k, v in json.load(f)["data"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def sweep_groups(runs, var, ignore=()):

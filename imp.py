@@ -18,9 +18,9 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import (add_supervised_args, arg_parser, at_least, atomic_save, check_supervised_args, open_run_dir,
-                    pyplot, read_jsonl, recipe_captions, release_run_dir, run_main, save_figure, setup_device, sgd,
-                    supervised_epoch, supervised_start, UserError, write_jsonl)
+from common import (add_supervised_args, arg_parser, at_least, atomic_save, check_run_kind, check_supervised_args,
+                    open_run_dir, pyplot, read_jsonl, recipe_captions, release_run_dir, run_main, save_figure, setup_device, sgd,
+                    supervised_epoch, supervised_start, UserError, write_args, write_jsonl)
 
 
 def parse_args(argv=None):
@@ -89,7 +89,8 @@ def main(argv=None):
     if args.plot:   # save_figure creates --out
         return plot_fig8(args.plot, os.path.join(args.out, "fig8.png"))
     device = setup_device(args.device, args.precision)
-    open_run_dir(args.out, vars(args), RESUMABLE)
+    open_run_dir(args.out, vars(args), RESUMABLE, "imp.py", defaults=vars(parse_args([])), state_files=["state.pt"],
+                 write=False)   # args.json once the state is known to fit the model
     state_path, metrics_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "metrics.jsonl")
 
     state = None
@@ -121,6 +122,10 @@ def main(argv=None):
         state = dict(args=vars(args), round=0, epoch=args.rewind_epochs, accs=[], masks=masks, rows=[],
                      rewind={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                      model=None, optimizer=None)
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    if {k: v.shape for k, v in state["rewind"].items()} != own or set(state["masks"]) != set(prunable(model, args.prune_all)):
+        raise UserError(f"{state_path} holds another model than this --arch {args.arch}; move it away to start over")
+    write_args(args.out, "imp.py", vars(args))
     if "rows" not in state:   # a state file written before rows were kept in it
         state["rows"] = read_jsonl(metrics_path)[:state["round"]] if os.path.exists(metrics_path) else []
     write_jsonl(metrics_path, state["rows"])   # the rounds the state has finished, no more, no fewer
@@ -171,6 +176,7 @@ def plot_fig8(run_dirs, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for d in run_dirs:
+        check_run_kind(d, "imp.py")
         rows = read_jsonl(os.path.join(d, "metrics.jsonl")) if os.path.exists(os.path.join(d, "metrics.jsonl")) else []
         if not rows:
             continue

@@ -30,7 +30,7 @@ from torch.func import functional_call, vmap
 from common import (DATASETS, add_precision_arg, arg_parser, at_least, atomic_save, autocast, balanced_subset,
                     distillation_loss, linear_probe, load_checkpoint, load_dataset, locality_init, make_model,
                     model_from_checkpoint, normalize, open_run_dir, positive, probe_subset, pyplot, release_run_dir,
-                    run_main, save_figure, setup_device, UserError, write_json)
+                    run_main, save_figure, seed_type, setup_device, UserError, write_json)
 
 KINDS = ["teacher", "init", "student"]
 
@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=at_least(1), default=256, help="images per forward (and linear-probe batch)")
     p.add_argument("--points-per-batch", type=at_least(1), default=None,
                    help="grid points evaluated together in one vmapped forward (default: 8 on CUDA, 1 on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="probe seed and subsets")
+    p.add_argument("--seed", type=seed_type, default=0, help="probe seed and subsets")
     p.add_argument("--out", default="runs/landscape", help="run directory")
     add_precision_arg(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -227,7 +227,8 @@ RESUMABLE = {"out", "device", "points_per_batch"}
 def main(argv=None):
     args = parse_args(argv)
     device = setup_device(args.device, args.precision)
-    open_run_dir(args.out, vars(args), RESUMABLE)
+    open_run_dir(args.out, vars(args), RESUMABLE, "landscape.py", state_files=["grid.pt"],
+                 defaults=vars(parse_args(["--points", *args.points])))
     points_per_batch = args.points_per_batch or (8 if device.type == "cuda" else 1)
 
     # ------------------------------------------------------------------ the three points

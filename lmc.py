@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (accuracy, add_supervised_args, arg_parser, at_least, atomic_save, autocast,
+from common import (accuracy, add_supervised_args, arg_parser, at_least, atomic_save, autocast, check_run_kind,
                     check_supervised_args, normalize, open_run_dir, pyplot, read_jsonl, recipe_captions,
-                    release_run_dir, run_main, save_figure, setup_device, sgd, supervised_epoch, supervised_start,
+                    release_run_dir, run_main, save_figure, seed_type, setup_device, sgd, supervised_epoch, supervised_start,
                     UserError, write_json, write_jsonl)
 
 
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p = arg_parser(__doc__)
     add_supervised_args(p, "Fig. 9", "copy i uses seed + i for data order and augmentation",
                         "runs/lmc_<arch>_<init>")
-    p.add_argument("--init-seed", type=int, default=0, help="seed of the random init and of the classifier")
+    p.add_argument("--init-seed", type=seed_type, default=0, help="seed of the random init and of the classifier")
     p.add_argument("--copies", type=at_least(2), default=5, help="K supervised copies (paper: 5)")
     p.add_argument("--points", type=at_least(2), default=50, help="evenly spaced γ in [0, 1] per path (paper: 50)")
     p.add_argument("--bn", default="interpolate", choices=["interpolate", "recompute"],
@@ -102,7 +102,8 @@ def main(argv=None):
     if args.plot:   # save_figure creates --out
         return plot_fig9(args.plot, os.path.join(args.out, "fig9.png"))
     device = setup_device(args.device, args.precision)
-    open_run_dir(args.out, vars(args), RESUMABLE)   # trained copies belong to these arguments
+    open_run_dir(args.out, vars(args), RESUMABLE, "lmc.py", defaults=vars(parse_args([])),   # trained copies
+                 state_files=[f"copy{i}.pt" for i in range(args.copies)])                    # belong to these arguments
 
     # ------------------------------------------------------------------ the shared starting point
     model, data = supervised_start(args, device, torch.Generator().manual_seed(args.init_seed))
@@ -118,6 +119,9 @@ def main(argv=None):
             except Exception as e:
                 raise UserError(f"{path} is not readable ({type(e).__name__}); delete it to train copy {i} "
                                 f"again") from None
+            if {k: v.shape for k, v in states[-1].items()} != {k: v.shape for k, v in start.items()}:
+                raise UserError(f"{path} holds another model than this --arch {args.arch}; delete it to train "
+                                f"copy {i} again")
         else:
             model.load_state_dict(start)
             optimizer = sgd(model, args.weight_decay)
@@ -127,7 +131,7 @@ def main(argv=None):
                     supervised_epoch(model, optimizer, data, epoch, args.lr, args.milestones,
                                      args.batch_size, args.seed + i, bar)
             states.append({k: v.clone() for k, v in model.state_dict().items()})
-            atomic_save(dict(arch=args.arch, seed=args.seed + i, model=states[-1]), path)
+            atomic_save(dict(arch=args.arch, seed=args.seed + i, args=vars(args), model=states[-1]), path)
         model.load_state_dict(states[-1])
         own_errors.append(1 - accuracy(model, data))
         print(f"copy {i}: test error {own_errors[-1]:.2%}")
@@ -159,8 +163,14 @@ def plot_fig9(run_dirs, path):
     plt = pyplot()
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(4.5 * len(run_dirs), 3.8), squeeze=False, sharey=True)
     for ax, d in zip(axes[0], run_dirs):
-        rows = read_jsonl(os.path.join(d, "metrics.jsonl"))
-        summary = json.load(open(os.path.join(d, "summary.json")))
+        check_run_kind(d, "lmc.py")
+        try:
+            rows = read_jsonl(os.path.join(d, "metrics.jsonl"))
+            with open(os.path.join(d, "summary.json")) as f:
+                summary = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--plot {d}: not a finished lmc.py run ({type(e).__name__}: metrics.jsonl and "
+                            f"summary.json needed)") from None
         for r in rows:
             ax.plot(r["gammas"], [100 * e for e in r["errors"]], color="C0", lw=0.8, alpha=0.5)
         mean = [100 * statistics.fmean(es) for es in zip(*(r["errors"] for r in rows))]

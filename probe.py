@@ -14,14 +14,15 @@ A run directory stands for its best.pt (the checkpoint with the best raw student
 authors' selection; `--which last` for last.pt). For transfer, images are resized to the
 checkpoint's resolution and normalized with the probe dataset's statistics.
 """
+import hashlib
 import os
 import statistics
 
 import torch
 
-from common import (ARCHS, DATASETS, add_precision_arg, arg_parser, at_least, make_out_dir, extract_features, knn_probe, linear_probe, load_checkpoint,
-                    load_dataset, make_encoder, model_from_checkpoint, probe_subset, run_main, setup_device,
-                    write_json)
+from common import (ARCHS, DATASETS, add_precision_arg, arg_parser, at_least, extract_features, knn_probe, linear_probe,
+                    load_checkpoint, load_dataset, make_encoder, model_from_checkpoint, open_run_dir, probe_subset,
+                    release_run_dir, run_main, seed_type, setup_device, write_json, write_text)
 
 
 def parse_args(argv=None):
@@ -32,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--arch", default=None, help=f"with --random: one of {', '.join(ARCHS)}")
     p.add_argument("--random", action="store_true",
                    help="also probe a freshly initialized --arch (seed --init-seed)")
-    p.add_argument("--init-seed", type=int, default=0,
+    p.add_argument("--init-seed", type=seed_type, default=0,
                    help="seed of the --random network (= distill.py's --teacher-seed)")
     p.add_argument("--dataset", nargs="+", default=["cifar10"],
                    help=f"probe data, one or more of: {', '.join(DATASETS)}")
@@ -45,10 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--knn-metric", default="l2", choices=["l2", "cosine"],
                    help="l2: Euclidean majority vote (the paper's); cosine: DINO's T=0.07 weighted vote")
     p.add_argument("--repeats", type=at_least(1), default=1, help="linear-probe seeds; the paper reports 3 (mean ± std)")
-    p.add_argument("--seed", type=int, default=0, help="first linear-probe seed (and the probe subsets)")
+    p.add_argument("--seed", type=seed_type, default=0, help="first linear-probe seed (and the probe subsets)")
     p.add_argument("--probe-samples", type=at_least(10), nargs="+", default=None, metavar=("N_TRAIN", "N_TEST"),
                    help="cap the probe train (and test, default the same) splits, for quick CPU runs")
-    p.add_argument("--out", default=None, help="where probe.md/probe.json go (default: runs/probe_<datasets>)")
+    p.add_argument("--out", default=None, help="where probe.md/probe.json go (default: runs/probe_<datasets>_<probed "
+                                               "runs>); never a distill.py run directory")
     add_precision_arg(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -63,14 +65,26 @@ def parse_args(argv=None):
         p.error("give run directories / checkpoints, or --arch ARCH --random")
     if args.probe_samples is not None and len(args.probe_samples) > 2:
         p.error("--probe-samples takes N_TRAIN [N_TEST]")
-    args.out = args.out or f"runs/probe_{'_'.join(args.dataset)}"
+    args.out = args.out or default_out(args)
     return args
+
+
+def default_out(args):
+    """runs/probe_<datasets>_<what was probed>: probes of different runs keep their own tables."""
+    names = [os.path.basename(os.path.normpath(p)) for p in args.paths]
+    names += [f"random-{args.arch}-s{args.init_seed}"] if args.random else []
+    name = f"probe_{'_'.join(args.dataset)}_{'+'.join(names)}"
+    if len(name) > 120:   # many runs: a short name that still differs per set of runs
+        name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return os.path.join("runs", name)
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = setup_device(args.device, args.precision)
-    make_out_dir(args.out)   # before the probing: a bad --out fails now, not after an hour
+    # before the probing: a bad --out fails now, not after an hour; a run directory of another
+    # script (a distillation run) is refused, a probe with other arguments too (never overwritten)
+    open_run_dir(args.out, vars(args), {"device", "out"}, "probe.py")
 
     # ------------------------------------------------------------------ the encoders to probe
     models = []   # (source, arch, img_size, {subject: encoder})
@@ -129,11 +143,10 @@ def main(argv=None):
             print(f"probed {source} on {name}")
 
     # ------------------------------------------------------------------ Tables 1-4
-    write_json(os.path.join(args.out, "args.json"), vars(args))
     write_json(os.path.join(args.out, "probe.json"), rows)
     table = format_tables(rows, args)
-    with open(os.path.join(args.out, "probe.md"), "w") as f:
-        f.write(table)
+    write_text(os.path.join(args.out, "probe.md"), table)
+    release_run_dir(args.out)
     print(table)
     return rows
 

@@ -109,7 +109,7 @@ def test_decoded_cache_follows_the_tree_and_survives_corruption(tmp_path, capsys
 
 def test_second_process_on_one_out_is_refused(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import common, sys, time; "
-                               f"common.open_run_dir({str(tmp_path)!r}, {{'alpha': 1.0}}, set()); "
+                               f"common.open_run_dir({str(tmp_path)!r}, {{'alpha': 1.0}}, set(), 'distill.py'); "
                                "print('locked', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -231,7 +231,7 @@ def test_lmc_refuses_copies_of_another_experiment(tmp_path):
     with pytest.raises(UserError, match="other arguments.*--epochs 1"):
         lmc.main([*flags, "--epochs", "2"])
     (tmp_path / "copy1.pt").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="copy1.pt is not readable"):
+    with pytest.raises(UserError, match="copy1.pt is not a readable checkpoint"):
         lmc.main([*flags, "--epochs", "1"])
 
 
