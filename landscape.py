@@ -74,6 +74,9 @@ def parse_args(argv=None):
             p.error(f"bad point {spec!r}: use KIND:PATH with KIND one of {', '.join(KINDS)}")
     if args.dataset not in DATASETS:
         p.error(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+    for flag, lim in (("--xlim", args.xlim), ("--ylim", args.ylim)):
+        if lim is not None and not (math.isfinite(lim[0]) and math.isfinite(lim[1]) and lim[0] < lim[1]):
+            p.error(f"{flag} takes two finite numbers LOW HIGH with LOW < HIGH, got {lim[0]:g} {lim[1]:g}")
     return args
 
 
@@ -83,8 +86,11 @@ def load_point(spec):
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
     ckpt = load_checkpoint(path)
+    a = ckpt.get("args")
+    if not isinstance(a, dict) or not {"alpha", "student_seed"} <= set(a):
+        raise UserError(f"point {spec}: {path} does not record the run's arguments (alpha, seeds); "
+                        f"use a distill.py run directory or its last.pt / best.pt")
     if kind == "init":   # theta_S(alpha) of §4, rebuilt exactly as distill.py built it
-        a = ckpt["args"]
         teacher = model_from_checkpoint(ckpt, "teacher", path)
         model = make_model(**ckpt["config"], generator=torch.Generator().manual_seed(a["student_seed"]))
         locality_init(teacher, model, a["alpha"])
@@ -92,7 +98,7 @@ def load_point(spec):
         model = model_from_checkpoint(ckpt, kind, path)
     label = {"teacher": r"$\theta_T$", "init": r"$\theta_S(\alpha={alpha:g})$",
              "student": r"$\theta^*_S(\alpha={alpha:g})$"}[kind]
-    return label.format(alpha=ckpt["args"]["alpha"]), ckpt, model
+    return label.format(alpha=a["alpha"]), ckpt, model
 
 
 # ----------------------------------------------------------------------------------------------

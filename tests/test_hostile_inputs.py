@@ -288,3 +288,19 @@ def test_imp_refuses_a_state_of_another_model_before_writing(tmp_path):
     with pytest.raises(UserError, match=r"--arch vgg11, per its state.pt"):
         imp.main([*flags, "--rounds", "3"])
     assert files_of(tmp_path) == before and len(common.read_jsonl(str(tmp_path / "metrics.jsonl"))) == 3
+
+
+# ------------------------------------------------------------------ landscape inputs
+
+def test_landscape_refuses_a_checkpoint_without_arguments_and_a_nan_window(tmp_path, capsys):
+    landscape = load_script("landscape")
+    config = dict(arch="resnet20", out_dim=128, bottleneck="011110", norm=None, img_size=32)
+    model = common.make_model(**config, generator=torch.Generator().manual_seed(0))
+    common.atomic_save(dict(config=config, teacher=model.state_dict(), student=model.state_dict()),
+                       str(tmp_path / "bare.pt"))   # no "args": not what distill.py writes
+    points = ["--points", f"teacher:{tmp_path / 'bare.pt'}", f"init:{tmp_path / 'bare.pt'}", f"student:{tmp_path / 'bare.pt'}"]
+    with pytest.raises(UserError, match="does not record the run's arguments"):   # was a KeyError traceback
+        landscape.main([*points, "--dataset", "fake", "--device", "cpu", "--out", str(tmp_path / "land")])
+    with pytest.raises(SystemExit) as e:
+        landscape.parse_args([*points, "--xlim", "nan", "1"])
+    assert e.value.code == 2 and "--xlim takes two finite numbers" in capsys.readouterr().err
