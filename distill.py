@@ -15,6 +15,7 @@ architecture: no labels, no augmentation, the same image to both networks. Probi
 Offline, point an ImageFolder tree at it: `--dataset imagefolder --data-root cifar10-jpeg`.
 Rerunning the same command resumes from `<out>/last.pt`.
 """
+import argparse
 import copy
 import json
 import math
@@ -36,7 +37,7 @@ from common import (ARCHS, BOTTLENECKS, DATASETS, NOISE, NORMS, NonFiniteLoss, U
                     locality_init, make_encoder, make_model, model_from_checkpoint, normalize, open_run_dir,
                     parse_bottleneck, positive, probe_subset, provenance_segment, pyplot, read_jsonl,
                     release_run_dir, run_main, save_figure, seed_type, setup_device, shard, train_steps,
-                    weights_version, world, write_args, write_json, write_jsonl, write_provenance)
+                    weights_version, world, write_args, write_json, write_jsonl, write_provenance, write_text)
 
 
 def parse_args(argv=None):
@@ -470,7 +471,8 @@ def plot_curves(metrics, path, args):
     for ax, probe_name, title in zip(axes, ["linear", "knn"], ["linear probe", f"k-NN probe (k={args.knn_k}, L2)"]):
         ax.plot(steps, [100 * m[f"student_{probe_name}"] for m in metrics], "o-", label="student", color="C3")
         ax.plot(steps, [100 * m[f"teacher_{probe_name}"] for m in metrics], "o-", label="teacher", color="C0")
-        ax.axhline(100 * metrics[0][f"input_{probe_name}"], ls="--", color="gray", label="input")
+        if metrics[0].get(f"input_{probe_name}") is not None:
+            ax.axhline(100 * metrics[0][f"input_{probe_name}"], ls="--", color="gray", label="input")
         ax.set(xlabel="step", ylabel="probing accuracy (%)", title=title)
         ax.grid(alpha=0.3)
     axes[0].legend()
@@ -697,9 +699,54 @@ FIGURES = {   # sweep variable: (figure, the runs' grouping, its plotting functi
 }
 
 
+PROBE_COLUMNS = ["linear", "linear_std", "knn", "knn_cos"]
+
+
+def cells(m, who):
+    """A metrics row's four probes of `who` (student / teacher / input) in percent, 'a / b / c / d'."""
+    return " / ".join(f"{100 * m[f'{who}_{k}']:.1f}" if m.get(f"{who}_{k}") is not None else "-" for k in PROBE_COLUMNS)
+
+
+def trajectory_table(r):
+    """One run over training, a row per probe point: the student's and teacher's probes, the KL, the
+    distance from init and the collapse diagnostics (RESULTS.md, "The authors' head")."""
+    lines = [f"{r['dir']}: probes % (linear raw / linear standardized / k-NN L2 / k-NN cosine); input "
+             f"{cells(r['first'], 'input')}", "",
+             "| step | student | teacher | KL | dist. from init | embed norm | code spread | update norm |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in r["metrics"]:
+        num = lambda k, f: format(m[k], f) if m.get(k) is not None else "-"
+        lines.append(f"| {m['step']} | {cells(m, 'student')} | {cells(m, 'teacher')} | {num('kl', '.2e')} | "
+                     f"{num('dist_from_init', '.2f')} | {num('student_embed_norm', '.3g')} | "
+                     f"{num('student_code_std', '.2g')} | {num('update_norm', '.2g')} |")
+    return "\n".join(lines) + "\n"
+
+
+def runs_table(runs):
+    """Every run at its last probe point and at its best one (the authors selected the best raw
+    linear probe over the probe points; the last is what a run ends with)."""
+    lines = ["| run | steps | student, last | student, best raw linear (step) | teacher, last | input |",
+             "|---|---|---|---|---|---|"]
+    for r in runs:
+        best = max(r["metrics"], key=lambda m: m.get("student_linear", -1))
+        lines.append(f"| {r['dir']} | {r['final']['step']} | {cells(r['final'], 'student')} | "
+                     f"{100 * best['student_linear']:.1f} ({best['step']}) | {cells(r['final'], 'teacher')} | "
+                     f"{cells(r['first'], 'input')} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_sweeps(dirs, out):
-    """Draw every sweep figure the runs make up; returns {figure: [rows]} (also <out>/sweeps.json)."""
+    """Draw every sweep figure the runs make up; returns {figure: [rows]} (also <out>/sweeps.json).
+    Writes <out>/runs.md (every run, last and best probe point) and, for a single run, its
+    <out>/trajectory.md: the Markdown that RESULTS.md embeds."""
     runs = load_runs(dirs)
+    os.makedirs(out, exist_ok=True)
+    write_text(os.path.join(out, "runs.md"), runs_table(runs))
+    if len(runs) == 1:   # one run: its curves and its trajectory, no sweep
+        write_text(os.path.join(out, "trajectory.md"), trajectory_table(runs[0]))
+        plot_curves(runs[0]["metrics"], os.path.join(out, "fig1.png"), argparse.Namespace(**runs[0]["args"]))
+        print(f"{out}/trajectory.md, {out}/fig1.png: one run, {len(runs[0]['metrics'])} probe points")
+        return {"runs": [final_row(runs[0])]}
     summary = {}
     for var, (name, group, plot) in FIGURES.items():
         groups = group(runs)

@@ -209,7 +209,11 @@ def test_plot_finds_each_sweep_from_the_runs_own_arguments(tmp_path):
     for name in ("fig3", "fig17", "fig4", "fig10", "fig18"):
         assert (tmp_path / "figs" / f"{name}.png").stat().st_size > 10_000
     assert json.load(open(tmp_path / "figs" / "sweeps.json")) == json.loads(json.dumps(summary))
-    r = cli("--plot", str(base))
+    one = distill.main(["--plot", str(base), "--out", str(tmp_path / "one")])   # one run: its trajectory, no sweep
+    assert one["runs"][0]["student_linear"] == 0.50
+    assert "| 40 | 50.0 / - / 50.0 / - | 30.0 / - / 30.0 / - |" in (tmp_path / "one" / "trajectory.md").read_text()
+    assert "| 50.0 (40) |" in (tmp_path / "one" / "runs.md").read_text()   # best raw linear and its step
+    r = cli("--plot", str(base), str(tmp_path / "g512"))
     assert r.returncode == 2 and "form no sweep" in r.stderr
 
 

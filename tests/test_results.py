@@ -1,0 +1,43 @@
+"""RESULTS.md's measured cells are generated from the committed files in results/, not typed:
+every generated block is regenerated here by the command its marker names and must match, and
+results/ holds text only, each run with its arguments."""
+import os
+import re
+import shlex
+
+import pytest
+
+from conftest import load_script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCK = re.compile(r"<!-- begin generated: python (\S+)\.py (.*?) --out (\S+); file (\S+) -->\n(.*?)<!-- end generated -->",
+                   re.S)
+
+
+def blocks():
+    with open(os.path.join(ROOT, "RESULTS.md")) as f:
+        return BLOCK.findall(f.read())
+
+
+def test_results_md_has_generated_blocks():
+    assert blocks(), "RESULTS.md embeds no generated table"
+
+
+@pytest.mark.parametrize("script,flags,out,file,content", blocks(), ids=[b[3] for b in blocks()])
+def test_generated_block_matches_a_fresh_plot_of_results(tmp_path, monkeypatch, script, flags, out, file, content):
+    monkeypatch.chdir(ROOT)   # the run paths in the tables are relative to the repository
+    load_script(script).main([*shlex.split(flags), "--out", str(tmp_path)])
+    fresh = (tmp_path / os.path.relpath(file, out)).read_text()
+    assert content == fresh, f"RESULTS.md's block of {file} differs from a fresh --plot: rerun `python {script}.py {flags} --out {out}` and paste {file}"
+    with open(os.path.join(ROOT, file)) as f:
+        assert f.read() == fresh, f"{file} is stale: rerun `python {script}.py {flags} --out {out}`"
+
+
+def test_results_hold_small_text_files_and_every_run_its_arguments():
+    import subprocess
+    tracked = subprocess.run(["git", "ls-files", "results"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    for path in tracked:   # what is committed: text a reader can diff, never weights or figures
+        assert path.endswith((".json", ".jsonl", ".md")) and os.path.getsize(os.path.join(ROOT, path)) < 2 ** 20, path
+    for dirpath, _, names in os.walk(os.path.join(ROOT, "results")):
+        if "metrics.jsonl" in names:
+            assert "args.json" in names, dirpath
