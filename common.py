@@ -252,12 +252,35 @@ def data_record(*datasets):
                             test=len(d["y_test"]), img_size=d["img_size"]) for d in datasets}
 
 
-def provenance_segment(device, start_step):
+def provenance_segment(device, start):
     """One stretch of a run in one process: the code, torch, machine and numerics that made it
-    (`--precision auto` resolved); a resumed run appends a segment."""
+    (`--precision auto` resolved), and where in the run it started (e.g. 'step 400'); a resumed run
+    appends a segment."""
     return dict(commit=git_commit(), torch=str(torch.__version__), python=platform.python_version(),
                 machine=machine_name(device), device=str(device), precision=_precision,
-                start_step=start_step, started=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=0.0)
+                start=start, started=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=0.0)
+
+
+def check_same_data(saved, data, path):
+    """Refuse to resume `path` (written on the datasets `saved`, a data_record) on other pixels: the
+    root may move, the fingerprints may not. A resume file older than data records passes."""
+    was, now = ({k: v["fingerprint"] for k, v in d.items()} for d in (saved or data, data))
+    if was != now:
+        raise UserError(f"{path} was made from other data (fingerprints {was}); the data read now has {now}")
+
+
+def start_provenance(out, script, data, device, start="the beginning"):
+    """This process's segment appended to the ones <out>/provenance.json holds (a resumed run keeps
+    its history), written at once; the caller sets segments[-1]['seconds'] and rewrites it."""
+    try:
+        with open(os.path.join(out, "provenance.json")) as f:
+            old = json.load(f)["segments"]
+        old = old if isinstance(old, list) else []
+    except (OSError, ValueError, KeyError, TypeError):
+        old = []
+    segments = [*old, provenance_segment(device, start)]
+    write_provenance(out, script, data, segments)
+    return segments
 
 
 def write_provenance(out, script, data, segments):

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (ARCHS, BOTTLENECKS, DATASETS, NOISE, NORMS, NonFiniteLoss, UserError, add_precision_arg,
-                    append_jsonl, arg_parser, at_least, atomic_save, autocast, balanced_subset, check_run_kind,
+                    append_jsonl, arg_parser, at_least, atomic_save, autocast, balanced_subset, check_run_kind, check_same_data,
                     compiled, data_record, distillation_loss, epoch_batches, extract_features, flat_params,
                     gather_rows, gaussian_inputs, knn_probe, linear_probe, load_checkpoint, load_dataset,
                     locality_init, make_encoder, make_model, model_from_checkpoint, normalize, open_run_dir,
@@ -350,10 +350,7 @@ def main(argv=None):
     if ckpt is not None:
         if ckpt["config"] != config:
             raise UserError(f"{last_path} is a {ckpt['config']}, this run builds {config}")
-        was, now = ({k: v["fingerprint"] for k, v in d.items()} for d in (ckpt.get("data", data_read), data_read))
-        if was != now:   # the same arguments on other (or edited) data: the root may move, the pixels may not
-            raise UserError(f"{last_path} was trained on other data (fingerprints {was}); --data-root "
-                            f"{args.data_root} holds {now}")
+        check_same_data(ckpt.get("data"), data_read, last_path)   # same arguments, other (or edited) data
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -367,7 +364,7 @@ def main(argv=None):
             raise UserError(f"{last_path} exists but {metrics_path} does not; restore it or pick another --out")
         if master:
             print(f"resuming {args.out} from step {step}")
-    segments = [*segments, provenance_segment(device, step)]
+    segments = [*segments, provenance_segment(device, f"step {step}")]
     if world_size > 1:
         dist.barrier()   # every rank has read the metrics before the master rewrites them
     if master:

@@ -14,12 +14,13 @@ distilled student at ℓ = 0 behaves like a fresh init rewound to ℓ = 1-2 epoc
 Rerunning the same command resumes at the round and epoch it reached.
 """
 import os
+import time
 
 import torch
 from tqdm import tqdm
 
-from common import (add_supervised_args, arg_parser, at_least, atomic_save, check_run_kind, check_supervised_args,
-                    open_run_dir, pyplot, read_jsonl, recipe_captions, release_run_dir, run_main, save_figure, setup_device, sgd,
+from common import (add_supervised_args, arg_parser, at_least, atomic_save, check_run_kind, check_same_data,
+                    check_supervised_args, data_record, open_run_dir, start_provenance, write_provenance, pyplot, read_jsonl, recipe_captions, release_run_dir, run_main, save_figure, setup_device, sgd,
                     supervised_epoch, supervised_start, UserError, write_args, write_jsonl)
 
 
@@ -122,10 +123,15 @@ def main(argv=None):
         state = dict(args=vars(args), round=0, epoch=args.rewind_epochs, accs=[], masks=masks, rows=[],
                      rewind={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                      model=None, optimizer=None)
+    data_read = data_record(data)
+    check_same_data(state.get("data"), data_read, state_path)
+    state["data"] = data_read
     own = {k: v.shape for k, v in model.state_dict().items()}
     if {k: v.shape for k, v in state["rewind"].items()} != own or set(state["masks"]) != set(prunable(model, args.prune_all)):
         raise UserError(f"{state_path} holds another model than this --arch {args.arch}; move it away to start over")
     write_args(args.out, "imp.py", vars(args))
+    t0, segments = time.time(), start_provenance(args.out, "imp.py", data_read, device,
+                                                 f"round {state['round']}, epoch {state['epoch']}")
     if "rows" not in state:   # a state file written before rows were kept in it
         state["rows"] = read_jsonl(metrics_path)[:state["round"]] if os.path.exists(metrics_path) else []
     write_jsonl(metrics_path, state["rows"])   # the rounds the state has finished, no more, no fewer
@@ -162,6 +168,8 @@ def main(argv=None):
                      rows=[*state["rows"], row])
         atomic_save(state, state_path)
         write_jsonl(metrics_path, state["rows"])
+        segments[-1]["seconds"] = round(time.time() - t0, 1)
+        write_provenance(args.out, "imp.py", data_read, segments)
     bar.close()
     rows = state["rows"]
     plot_fig8([args.out], os.path.join(args.out, "fig8.png"))

@@ -28,9 +28,10 @@ import torch
 from torch.func import functional_call, vmap
 
 from common import (DATASETS, add_precision_arg, arg_parser, at_least, atomic_save, autocast, balanced_subset,
-                    distillation_loss, linear_probe, load_checkpoint, load_dataset, locality_init, make_model,
-                    model_from_checkpoint, normalize, open_run_dir, positive, probe_subset, pyplot, release_run_dir,
-                    run_main, save_figure, seed_type, setup_device, UserError, write_json)
+                    check_same_data, data_record, distillation_loss, linear_probe, load_checkpoint, load_dataset,
+                    locality_init, make_model, model_from_checkpoint, normalize, open_run_dir, positive, probe_subset,
+                    pyplot, release_run_dir, run_main, save_figure, seed_type, setup_device, start_provenance,
+                    UserError, write_json, write_provenance)
 
 KINDS = ["teacher", "init", "student"]
 
@@ -267,13 +268,14 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ fixed data, teacher outputs once
     eval_data = fixed_data(args, ckpts[0], device)
+    data_read = data_record(eval_data["data"])
     eval_data["buffers"] = stacked_buffers
 
     # ------------------------------------------------------------------ the grid, resumable
     grid_path = os.path.join(args.out, "grid.pt")
     keys = ["kl", "probe", *(["embed_kl"] if args.encoder else [])]
     key_args = {k: v for k, v in vars(args).items() if k not in RESUMABLE}
-    grid = dict(args=key_args, xs=xs, ys=ys, weights=weights, done=torch.zeros(len(weights), dtype=torch.bool),
+    grid = dict(args=key_args, data=data_read, xs=xs, ys=ys, weights=weights, done=torch.zeros(len(weights), dtype=torch.bool),
                 **{k: torch.full((len(weights),), float("nan"), dtype=torch.float64) for k in keys})
     if os.path.exists(grid_path):
         try:
@@ -283,10 +285,12 @@ def main(argv=None):
                             f"again") from None
         if old.get("args") != key_args:
             raise UserError(f"{grid_path} holds a grid with other arguments; rerun with those or pick another --out")
+        check_same_data(old.get("data"), data_read, grid_path)
         grid = old
         print(f"resuming {grid_path}: {int(grid['done'].sum())}/{len(weights)} points done")
 
     t_grid, n_new = time.time(), 0
+    segments = start_provenance(args.out, "landscape.py", data_read, device, f"{int(grid['done'].sum())} points done")
     for start in range(0, len(weights), points_per_batch):   # fixed chunks: a resumed run batches points as the first did
         chunk = slice(start, start + points_per_batch)
         if grid["done"][chunk].all():
@@ -308,6 +312,8 @@ def main(argv=None):
                               for i, j in [(0, 1), (0, 2), (1, 2)]},
                    seconds_per_point=(time.time() - t_grid) / n_new if n_new else None)
     write_json(os.path.join(args.out, "landscape.json"), summary)
+    segments[-1]["seconds"] = round(time.time() - t_grid, 1)
+    write_provenance(args.out, "landscape.py", data_read, segments)
     plot_landscape(grid, anchors, labels, gram, args, config["arch"], os.path.join(args.out, "landscape.png"))
     release_run_dir(args.out)
     print(f"-> {args.out}/landscape.png")

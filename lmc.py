@@ -21,13 +21,14 @@ import itertools
 import json
 import os
 import statistics
+import time
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from common import (accuracy, add_supervised_args, arg_parser, at_least, atomic_save, autocast, check_run_kind,
-                    check_supervised_args, normalize, open_run_dir, pyplot, read_jsonl, recipe_captions,
+                    check_same_data, check_supervised_args, data_record, start_provenance, write_provenance, normalize, open_run_dir, pyplot, read_jsonl, recipe_captions,
                     release_run_dir, run_main, save_figure, seed_type, setup_device, sgd, supervised_epoch, supervised_start,
                     UserError, write_json, write_jsonl)
 
@@ -108,6 +109,9 @@ def main(argv=None):
     # ------------------------------------------------------------------ the shared starting point
     model, data = supervised_start(args, device, torch.Generator().manual_seed(args.init_seed))
     start = {k: v.clone() for k, v in model.state_dict().items()}
+    data_read = data_record(data)
+    done = sum(os.path.exists(os.path.join(args.out, f"copy{i}.pt")) for i in range(args.copies))
+    t0, segments = time.time(), start_provenance(args.out, "lmc.py", data_read, device, f"{done} copies trained")
 
     # ------------------------------------------------------------------ K copies, different SGD noise
     states, own_errors = [], []
@@ -115,10 +119,12 @@ def main(argv=None):
         path = os.path.join(args.out, f"copy{i}.pt")
         if os.path.exists(path):   # resume: this copy is done
             try:
-                states.append(torch.load(path, map_location=device, weights_only=True)["model"])
+                saved = torch.load(path, map_location=device, weights_only=True)
+                states.append(saved["model"])
             except Exception as e:
                 raise UserError(f"{path} is not readable ({type(e).__name__}); delete it to train copy {i} "
                                 f"again") from None
+            check_same_data(saved.get("data"), data_read, path)
             if {k: v.shape for k, v in states[-1].items()} != {k: v.shape for k, v in start.items()}:
                 raise UserError(f"{path} holds another model than this --arch {args.arch}; delete it to train "
                                 f"copy {i} again")
@@ -131,7 +137,7 @@ def main(argv=None):
                     supervised_epoch(model, optimizer, data, epoch, args.lr, args.milestones,
                                      args.batch_size, args.seed + i, bar)
             states.append({k: v.clone() for k, v in model.state_dict().items()})
-            atomic_save(dict(arch=args.arch, seed=args.seed + i, args=vars(args), model=states[-1]), path)
+            atomic_save(dict(arch=args.arch, seed=args.seed + i, args=vars(args), data=data_read, model=states[-1]), path)
         model.load_state_dict(states[-1])
         own_errors.append(1 - accuracy(model, data))
         print(f"copy {i}: test error {own_errors[-1]:.2%}")
@@ -151,6 +157,8 @@ def main(argv=None):
                    barrier_mean=statistics.fmean(barriers),
                    barrier_std=statistics.stdev(barriers) if len(barriers) > 1 else 0.0)
     write_json(os.path.join(args.out, "summary.json"), summary)
+    segments[-1]["seconds"] = round(time.time() - t0, 1)
+    write_provenance(args.out, "lmc.py", data_read, segments)
     plot_fig9([args.out], os.path.join(args.out, "fig9.png"))
     release_run_dir(args.out)
     print(f"LMC {args.arch} init={summary['init']} bn={args.bn}: barrier {summary['barrier_mean']:.2%} "

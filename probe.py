@@ -17,12 +17,14 @@ checkpoint's resolution and normalized with the probe dataset's statistics.
 import hashlib
 import os
 import statistics
+import time
 
 import torch
 
-from common import (ARCHS, DATASETS, add_precision_arg, arg_parser, at_least, extract_features, knn_probe, linear_probe,
-                    load_checkpoint, load_dataset, make_encoder, model_from_checkpoint, open_run_dir, probe_subset,
-                    release_run_dir, run_main, seed_type, setup_device, write_json, write_text)
+from common import (ARCHS, DATASETS, add_precision_arg, arg_parser, at_least, data_record, extract_features,
+                    knn_probe, linear_probe, load_checkpoint, load_dataset, make_encoder, model_from_checkpoint,
+                    open_run_dir, probe_subset, release_run_dir, run_main, seed_type, setup_device,
+                    start_provenance, write_json, write_provenance, write_text)
 
 
 def parse_args(argv=None):
@@ -113,7 +115,7 @@ def main(argv=None):
         encoder.cpu()
         return result
 
-    rows = []
+    rows, read, t0 = [], [], time.time()
     for name in args.dataset:   # rows: dataset x model, as in Tables 1-4
         datasets, inputs = {}, {}   # this dataset at each checkpoint's resolution
 
@@ -125,6 +127,7 @@ def main(argv=None):
                     data[f"x_{split}"], data[f"y_{split}"] = probe_subset(data[f"x_{split}"], data[f"y_{split}"],
                                                                           cap, args.seed)
                 datasets[img_size] = data
+                read.append(data)
             return datasets[img_size]
 
         todo = list(models)
@@ -144,6 +147,9 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ Tables 1-4
     write_json(os.path.join(args.out, "probe.json"), rows)
+    segments = start_provenance(args.out, "probe.py", data_record(*read), device)
+    segments[-1]["seconds"] = round(time.time() - t0, 1)
+    write_provenance(args.out, "probe.py", data_record(*read), segments)
     table = format_tables(rows, args)
     write_text(os.path.join(args.out, "probe.md"), table)
     release_run_dir(args.out)

@@ -75,7 +75,7 @@ def test_resume_on_other_data_is_refused(tmp_path):
     assert prov["data"]["imagefolder"]["fingerprint"] and prov["segments"][0]["precision"] == "fp32"
     Image.new("RGB", (32, 32), (9, 9, 9)).save(tree / "train" / "cat" / "0.jpg")   # the same files, other pixels
     before = files_of(tmp_path / "run")
-    with pytest.raises(UserError, match="was trained on other data"):
+    with pytest.raises(UserError, match="was made from other data"):
         distill.main([*flags, "--epochs", "2"])
     assert files_of(tmp_path / "run") == before
 
@@ -121,6 +121,8 @@ def test_probes_of_two_runs_keep_two_tables(distill_run, tmp_path):
         probe.main([str(b), *flags])
     assert (tmp_path / "p" / "probe.md").read_text() == table
     probe.main([str(a), *flags])   # the same probe again: its own table, rewritten
+    prov = json.loads((tmp_path / "p" / "provenance.json").read_text())
+    assert list(prov["data"]) == ["fake"] and len(prov["segments"]) == 2 and prov["segments"][0]["machine"]
 
 
 def test_every_plot_refuses_another_scripts_directory(distill_run, tmp_path):
@@ -304,3 +306,20 @@ def test_landscape_refuses_a_checkpoint_without_arguments_and_a_nan_window(tmp_p
     with pytest.raises(SystemExit) as e:
         landscape.parse_args([*points, "--xlim", "nan", "1"])
     assert e.value.code == 2 and "--xlim takes two finite numbers" in capsys.readouterr().err
+
+
+def test_imp_lmc_and_landscape_record_their_data_and_refuse_a_resume_on_other_pixels(tmp_path):
+    imp, lmc = load_script("imp"), load_script("lmc")
+    image_tree(tmp_path / "tree", size=32)
+    flags = ["--arch", "resnet20", "--dataset", "imagefolder", "--data-root", str(tmp_path / "tree"), "--device", "cpu",
+             "--epochs", "1", "--batch-size", "128"]
+    imp.main([*flags, "--rounds", "0", "--out", str(tmp_path / "imp")])
+    lmc.main([*flags, "--copies", "2", "--points", "2", "--out", str(tmp_path / "lmc")])
+    for d in ("imp", "lmc"):
+        prov = json.loads((tmp_path / d / "provenance.json").read_text())
+        assert prov["script"] == f"{d}.py" and prov["data"]["imagefolder"]["train"] == 6
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / "tree" / "train" / "cat" / "0.jpg")
+    with pytest.raises(UserError, match="state.pt was made from other data"):
+        imp.main([*flags, "--rounds", "1", "--out", str(tmp_path / "imp")])
+    with pytest.raises(UserError, match="copy0.pt was made from other data"):
+        lmc.main([*flags, "--copies", "2", "--points", "2", "--out", str(tmp_path / "lmc")])
