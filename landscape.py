@@ -20,6 +20,7 @@ student's initialization theta_S(alpha), rebuilt from the run's seeds and alpha)
 trained student theta*_S), and PATH a distill.py run directory (its last.pt) or a checkpoint. The
 KL is always against the teacher of the first point's run. Rerunning resumes the grid.
 """
+import json
 import math
 import os
 import time
@@ -31,14 +32,14 @@ from common import (DATASETS, add_precision_arg, arg_parser, at_least, atomic_sa
                     check_same_data, data_record, distillation_loss, linear_probe, load_checkpoint, load_dataset,
                     locality_init, make_model, model_from_checkpoint, normalize, open_run_dir, positive, probe_subset,
                     pyplot, release_run_dir, run_main, save_figure, seed_type, setup_device, start_provenance,
-                    UserError, write_json, write_provenance)
+                    UserError, check_run_kind, write_json, write_provenance, write_text)
 
 KINDS = ["teacher", "init", "student"]
 
 
 def parse_args(argv=None):
     p = arg_parser(__doc__)
-    p.add_argument("--points", nargs=3, required=True, metavar="KIND:PATH",
+    p.add_argument("--points", nargs=3, metavar="KIND:PATH",
                    help=f"three points, KIND one of {', '.join(KINDS)}; the first is the origin of the interp frame")
     p.add_argument("--frame", default="interp", choices=["interp", "ortho"],
                    help="interp: theta = p0 + l1 (p1-p0) + l2 (p2-p0) (Fig. 5); ortho: orthonormal, "
@@ -66,10 +67,19 @@ def parse_args(argv=None):
     p.add_argument("--points-per-batch", type=at_least(1), default=None,
                    help="grid points evaluated together in one vmapped forward (default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--seed", type=seed_type, default=0, help="probe seed and subsets")
-    p.add_argument("--out", default="runs/landscape", help="run directory")
+    p.add_argument("--out", default=None, help="run directory (default: runs/landscape; with --plot: runs)")
+    p.add_argument("--plot", nargs="+", metavar="DIR",
+                   help="only redraw these finished grids from their grid.json / landscape.json (no checkpoints "
+                        "needed) and write their anchor values as <out>/landscape.md")
     add_precision_arg(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.plot:
+        args.out = args.out or "runs"
+        return args
+    if not args.points:
+        p.error("--points KIND:PATH KIND:PATH KIND:PATH is required (or --plot DIR...)")
+    args.out = args.out or "runs/landscape"
     for spec in args.points:
         if spec.split(":", 1)[0] not in KINDS or ":" not in spec:
             p.error(f"bad point {spec!r}: use KIND:PATH with KIND one of {', '.join(KINDS)}")
@@ -228,11 +238,13 @@ def fixed_data(args, ckpt, device):
 
 
 # A rerun may change these and still resume the grid; any other difference means another experiment.
-RESUMABLE = {"out", "device", "points_per_batch"}
+RESUMABLE = {"out", "device", "points_per_batch", "plot"}
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot:
+        return plot_runs(args.plot, args.out)
     device = setup_device(args.device, args.precision)
     open_run_dir(args.out, vars(args), RESUMABLE, "landscape.py", state_files=["grid.pt"],
                  defaults=vars(parse_args(["--points", *args.points])))
@@ -307,14 +319,19 @@ def main(argv=None):
     # ------------------------------------------------------------------ results and figure
     coords = [[round(v, 6) for v in c] for c in anchors.tolist()]
     summary = dict(points=list(args.points), view=view_name(args.points), labels=list(labels), frame=args.frame,
-                   anchor_coords=coords,
+                   arch=config["arch"], buffers=args.buffers, eval_samples=args.eval_samples,
+                   probe_samples=args.probe_samples, anchor_coords=coords, gram=gram.tolist(),
                    distances={f"{i}-{j}": math.sqrt(max(gram[i, i] + gram[j, j] - 2 * gram[i, j], 0))
                               for i, j in [(0, 1), (0, 2), (1, 2)]},
                    seconds_per_point=(time.time() - t_grid) / n_new if n_new else None)
     write_json(os.path.join(args.out, "landscape.json"), summary)
+    # the grid's values as JSON (NaN as null): what --plot and results/ read, no checkpoint needed
+    write_json(os.path.join(args.out, "grid.json"),
+               dict(xs=grid["xs"], ys=grid["ys"], weights=grid["weights"].tolist(),
+                    **{k: [None if math.isnan(v) else v for v in grid[k].tolist()] for k in keys}))
     segments[-1]["seconds"] = round(time.time() - t_grid, 1)
     write_provenance(args.out, "landscape.py", data_read, segments)
-    plot_landscape(grid, anchors, labels, gram, args, config["arch"], os.path.join(args.out, "landscape.png"))
+    plot_landscape(*read_grid(args.out), os.path.join(args.out, "landscape.png"))
     release_run_dir(args.out)
     print(f"-> {args.out}/landscape.png")
     return grid
@@ -327,10 +344,57 @@ def view_name(points):
         tuple(kinds), "plane through " + ", ".join(kinds))
 
 
-def plot_landscape(grid, anchors, labels, gram, args, arch, path):
+def read_grid(run_dir):
+    """(grid, summary) of a finished landscape run from its grid.json and landscape.json."""
+    check_run_kind(run_dir, "landscape.py")
+    try:
+        with open(os.path.join(run_dir, "grid.json")) as f:
+            g = json.load(f)
+        with open(os.path.join(run_dir, "landscape.json")) as f:
+            summary = json.load(f)
+        grid = dict(xs=g["xs"], ys=g["ys"], weights=torch.tensor(g["weights"], dtype=torch.float64),
+                    **{k: torch.tensor([math.nan if v is None else v for v in g[k]], dtype=torch.float64)
+                       for k in ("kl", "probe", "embed_kl") if k in g})
+        summary["gram"], summary["anchor_coords"]   # written by every run that has a grid.json
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--plot {run_dir}: not a finished landscape.py run ({type(e).__name__}: grid.json and "
+                        f"landscape.json needed)") from None
+    return grid, summary
+
+
+def anchor_table(run_dirs):
+    """Per plane: the value at the grid point nearest each of its three points (KL, probe, embedding KL)."""
+    lines = ["| run | view, frame, BN statistics | point | nearest grid point (distance) | KL | probe % | embedding KL |",
+             "|---|---|---|---|---|---|---|"]
+    for d in run_dirs:
+        grid, s = read_grid(d)
+        n = len(grid["xs"])
+        X, Y = torch.meshgrid(torch.tensor(grid["xs"]), torch.tensor(grid["ys"]), indexing="xy")
+        for spec, (cx, cy) in zip(s["points"], s["anchor_coords"]):
+            dist = ((X.flatten() - cx) ** 2 + (Y.flatten() - cy) ** 2).sqrt()
+            i = int(dist.argmin())
+            val = lambda k, f, x=1: format(x * grid[k][i].item(), f) if k in grid and not math.isnan(grid[k][i]) else "-"
+            lines.append(f"| {os.path.normpath(d)} | {s['view']}, {s['frame']}, {s.get('buffers', 'first')} | {spec} | "
+                         f"({grid['xs'][i % n]:.3g}, {grid['ys'][i // n]:.3g}) ({dist[i]:.2g}) | {val('kl', '.2e')} | "
+                         f"{val('probe', '.2f', 100)} | {val('embed_kl', '.2e')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_runs(run_dirs, out):
+    """--plot: redraw each grid as <out>/<run>.png and write <out>/landscape.md (the anchor values)."""
+    os.makedirs(out, exist_ok=True)
+    for d in run_dirs:
+        plot_landscape(*read_grid(d), os.path.join(out, os.path.basename(os.path.normpath(d)) + ".png"))
+    write_text(os.path.join(out, "landscape.md"), anchor_table(run_dirs))
+    print(f"{out}/landscape.md: {len(run_dirs)} planes")
+    return run_dirs
+
+
+def plot_landscape(grid, summary, path):
     """Loss (log color), probing (and embedding-KL) landscapes as filled contours with ||theta||_2
-    contours and the three points labelled (Fig. 5/13/15)."""
+    contours and the three points labelled (Fig. 5/13/15), from a run's grid and landscape.json."""
     plt = pyplot()
+    anchors, labels, gram = summary["anchor_coords"], summary["labels"], torch.tensor(summary["gram"], dtype=torch.float64)
     import numpy as np
     from matplotlib.colors import LogNorm
     xs, ys, n = np.array(grid["xs"]), np.array(grid["ys"]), len(grid["xs"])
@@ -352,18 +416,19 @@ def plot_landscape(grid, anchors, labels, gram, args, arch, path):
         fig.colorbar(im, ax=ax, format="%.3g")
         cs = ax.contour(xs, ys, norm, levels=6, colors="white", linewidths=0.6, alpha=0.8)
         ax.clabel(cs, fontsize=6, fmt="‖θ‖=%.0f")
-        for (cx, cy), label in zip(anchors.tolist(), labels):
+        for (cx, cy), label in zip(anchors, labels):
             ax.plot(cx, cy, "o", color="cyan", markeredgecolor="black", zorder=3)
             ax.annotate(label, (cx, cy), textcoords="offset points", xytext=(5, 5), color="black", fontsize=8,
                         bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7, lw=0))
         ax.set(title=title, xlim=(xs[0], xs[-1]), ylim=(ys[0], ys[-1]))
-        if args.frame == "ortho":
+        if summary["frame"] == "ortho":
             ax.set_aspect("equal")
             ax.set(xlabel="distance in parameter space", ylabel="distance in parameter space")
         else:
             ax.set(xlabel=f"λ1 (towards {labels[1]})", ylabel=f"λ2 (towards {labels[2]})")
-    fig.suptitle(f"{view_name(args.points)}, {args.frame} frame ({arch}, KL on {args.eval_samples} "
-                 f"training images, probe {args.probe_samples[0]}/{args.probe_samples[1]})", fontsize=10)
+    train, test = summary["probe_samples"]
+    fig.suptitle(f"{summary['view']}, {summary['frame']} frame ({summary['arch']}, KL on {summary['eval_samples']} "
+                 f"training images, probe {train}/{test})", fontsize=10)
     save_figure(fig, path)
 
 

@@ -137,6 +137,8 @@ def test_every_plot_refuses_another_scripts_directory(distill_run, tmp_path):
         imp.main(["--plot", str(distill_run), "--out", str(tmp_path / "f")])
     with pytest.raises(UserError, match="a run directory of imp.py, not of lmc.py"):
         lmc.main(["--plot", str(imp_dir), "--out", str(tmp_path / "f")])
+    with pytest.raises(UserError, match="a run directory of distill.py, not of landscape.py"):
+        load_script("landscape").main(["--plot", str(distill_run), "--out", str(tmp_path / "f")])
 
 
 @pytest.mark.parametrize("script,flag,value", [("distill.py", "--teacher-seed", str(2 ** 70)),

@@ -49,6 +49,15 @@ def test_anchor_grid_points_reproduce_each_checkpoints_own_values(runs, tmp_path
         assert grid["probe"][i].item() == probe
     assert grid["kl"][0] < 1e-12 and grid["embed_kl"][0] < 1e-12   # the teacher against itself
     assert grid["done"].all() and torch.isfinite(grid["kl"]).all()
+    # --plot redraws from grid.json / landscape.json alone (no checkpoint) and tables the anchors' values
+    for f in ("grid.pt", "args.json"):
+        (tmp_path / f).unlink()
+    landscape.main(["--plot", str(tmp_path), "--out", str(tmp_path / "figs")])
+    assert (tmp_path / "figs" / f"{tmp_path.name}.png").stat().st_size > 10_000
+    rows = (tmp_path / "figs" / "landscape.md").read_text().splitlines()[2:]
+    assert [r.split(" | ")[2] for r in rows] == points(runs)
+    for r, i in zip(rows, [0, 1, 2]):
+        assert f"| {grid['kl'][i].item():.2e} | {100 * grid['probe'][i].item():.2f} |" in r and "(0)" in r
 
 
 def test_ortho_frame_preserves_distances_and_centers_on_the_minimum_norm_point(runs, tmp_path):
