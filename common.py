@@ -936,6 +936,10 @@ def setup_device(device, precision="auto"):
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {device}: no CUDA device here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if dev.index is not None:   # the current device: where synchronize() waits and new CUDA tensors go
+            torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True
     set_precision(precision, dev)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
@@ -1016,7 +1020,9 @@ def train_steps(model, optimizer, loss_fn, batches, progress=None, after_step=No
         weight = 1.0
         if world_size > 1:
             local = idx.tensor_split(world_size)[rank]
-            weight, idx = len(local) / len(idx), local
+            # a batch with fewer images than ranks leaves some ranks none: they still run a step (DDP's
+            # gradient all-reduce needs every rank) on one image with weight 0, not the NaN mean of nothing
+            weight, idx = len(local) / len(idx), local if len(local) else idx[:1]
         with autocast(idx.device):
             loss, stats = loss_fn(idx)
         optimizer.zero_grad(set_to_none=True)
@@ -1376,13 +1382,25 @@ def write_failed(path, e):
     return UserError(f"cannot write {path} ({why}); {kept}")
 
 
+def to_cpu(obj):
+    """Every tensor in a nest of dicts, lists and tuples moved to the CPU: a checkpoint written on a GPU
+    then loads anywhere with a plain torch.load(path, weights_only=True)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def atomic_save(obj, path):
-    """Write to a temp file, then rename: a crash or a full disk mid-write never leaves a truncated
-    checkpoint (torch.save reports a full disk as a RuntimeError)."""
+    """Write (device-independent: every tensor on the CPU) to a temp file, then rename: a crash or a
+    full disk mid-write never leaves a truncated checkpoint (torch.save reports a full disk as a RuntimeError)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save(obj, tmp)
+        torch.save(to_cpu(obj), tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         raise write_failed(path, e) from None

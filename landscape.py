@@ -116,6 +116,13 @@ def load_point(spec):
 # The plane. A grid point is stored by its weights (w0, w1, w2) on the three points, theta =
 # sum_i w_i p_i: at an anchor the weights are exactly one-hot, so theta is that checkpoint, bit for bit.
 
+def stack_points(points, device):
+    """{name: [3, ...] tensor on `device`} from three {name: tensor} dicts, wherever each tensor lives:
+    the first model has been moved to the device, the other two have not (on CUDA a plain stack of
+    them raised 'Expected all tensors to be on the same device')."""
+    return {k: torch.stack([pts[k].detach().to(device) for pts in points]) for k in points[0]}
+
+
 def plane_geometry(points):
     """Gram matrix of p0, p1, p2 (float64), from which every distance and norm in the plane follows."""
     flat = [torch.cat([p.detach().double().cpu().flatten() for p in pts.values()]) for pts in points]
@@ -262,10 +269,10 @@ def main(argv=None):
         raise UserError(f"--arch {args.arch}, but the checkpoints hold a {config['arch']}")
     model = models[0].to(device).eval()                  # its buffers serve every grid point
     points = [dict(m.named_parameters()) for m in models]
-    stacked = {k: torch.stack([pts[k].detach() for pts in points]).to(device) for k in points[0]}
+    stacked = stack_points(points, device)
     buffers = [dict(m.named_buffers()) for m in models] if args.buffers == "interpolate" else [{}]
-    stacked_buffers = {k[len("encoder."):]: torch.stack([b[k] for b in buffers]).to(device)
-                       for k in buffers[0] if k.startswith("encoder.") and buffers[0][k].is_floating_point()}
+    stacked_buffers = {k[len("encoder."):]: v for k, v in stack_points(buffers, device).items()
+                       if k.startswith("encoder.") and v.is_floating_point()}
     gram = plane_geometry(points)
     for i, j in [(0, 1), (0, 2), (1, 2)]:   # e.g. teacher and init of an alpha=1e-10 run
         if gram[i, i] + gram[j, j] - 2 * gram[i, j] <= 1e-12 * gram[i, i]:   # |pi - pj| < 1e-6 |pi|

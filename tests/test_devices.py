@@ -1,0 +1,60 @@
+"""CUDA's device rules checked on a CPU: torch's FakeTensorMode gives tensors a `cuda` device without
+a GPU and raises on a device mix as CUDA would, so the steps where tensors from several sources meet
+are tested here, in CI, before any GPU runs them."""
+import pytest
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import common
+from conftest import load_script
+
+
+def test_landscape_stacks_three_models_of_which_only_the_first_is_on_the_gpu():
+    landscape = load_script("landscape")
+    models = [nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)) for _ in range(3)]
+    params = [dict(m.named_parameters()) for m in models]
+    buffers = [dict(m.named_buffers()) for m in models]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        # what landscape.main holds: the first model moved to the device, the other two still on the CPU
+        params[0] = {k: mode.from_tensor(v).to("cuda") for k, v in params[0].items()}
+        buffers[0] = {k: mode.from_tensor(v).to("cuda") for k, v in buffers[0].items()}
+        for pts in (params, buffers):   # --buffers first and --buffers interpolate
+            stacked = landscape.stack_points(pts, torch.device("cuda"))
+            assert all(v.device.type == "cuda" and v.shape[0] == 3 for v in stacked.values())
+        with pytest.raises(RuntimeError, match="same device"):   # what the old one-line stack did
+            torch.stack([pts["0.weight"].detach() for pts in params])
+
+
+def test_checkpoints_written_from_the_gpu_hold_cpu_tensors():
+    with FakeTensorMode():
+        state = dict(step=3, student={"w": torch.ones(2, device="cuda")},
+                     optimizer={"state": {0: {"exp_avg": torch.zeros(2, device="cuda")}}, "param_groups": [{"lr": 1e-3}]},
+                     metrics=[{"step": 3}], pair=(torch.ones(1, device="cuda"), 2))
+        cpu = common.to_cpu(state)
+    assert cpu["student"]["w"].device.type == "cpu" and cpu["optimizer"]["state"][0]["exp_avg"].device.type == "cpu"
+    assert cpu["pair"][0].device.type == "cpu" and cpu["pair"][1] == 2 and cpu["metrics"] == [{"step": 3}]
+
+
+def test_a_rank_with_no_images_in_the_last_batch_adds_nothing_and_no_nan(monkeypatch):
+    # torchrun --nproc_per_node=2 with batch 511 on 512 images: the last batch has one image, rank 1 none;
+    # its loss was the mean of an empty tensor (NaN) and stopped the run as "non-finite"
+    monkeypatch.setattr(common, "world", lambda: (1, 2))
+    monkeypatch.setattr(common.dist, "all_reduce", lambda t: None)   # rank 1 alone: what it adds to the sum
+    model = nn.Linear(3, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(4, 3)
+    loss_fn = lambda idx: (model(x[idx]).square().mean(), {"n": torch.tensor(float(len(idx)))})
+    means = common.train_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, [torch.tensor([3])])
+    assert means == {"loss": 0.0, "n": 0.0}   # weight 0: rank 0 carries the whole batch
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))   # a zero gradient
+
+
+def test_device_cuda_n_becomes_the_current_device(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.device(d).index))
+    assert common.setup_device("cuda:1", "fp32") == torch.device("cuda", 1) and chosen == [1]
+    with pytest.raises(common.UserError, match="cuda:2: this machine has 2 CUDA device"):
+        common.setup_device("cuda:2", "fp32")
