@@ -9,10 +9,11 @@
     these away (the teacher recomputed every step, the loss eager) or add channels_last or a
     compiled student, or run under bf16 autocast (ours_bf16).
 
-Same model and loss in every variant, at `--precision` (auto: TF32 on CUDA, fp32 on CPU) but for
-ours_bf16. All variants are built up front
+Same model and loss in every variant, at `--precision` (auto: TF32 convolutions on CUDA, fp32 on CPU)
+but for ours_bf16. All variants are built up front
 and timed in turn, `--steps` steps each, `--reps` rounds; the median is reported. Also printed:
-achieved FLOP/s (counted with FlopCounterMode) over the device's measured dense matmul peak,
+achieved FLOP/s (counted with FlopCounterMode) over the device's measured dense matmul peak in
+each variant's precision (bf16 for ours_bf16, TF32 where convolutions run in TF32),
 peak memory of a step (CUDA), and the one-off cost of the teacher cache. Ratios are over plain
 (over the first variant listed when plain is not timed); the last line reads `speedup: X.XX`
 (ours over plain, VGG11 if timed), when both are timed.
@@ -78,10 +79,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def matmul_peak(device):
-    """Dense fp32 matmul FLOP/s (TF32 where --precision tf32 allows it): the peak of the default numerics."""
+def matmul_peak(device, precision):
+    """Dense matmul FLOP/s in the numerics of `precision` (resolved): bf16 for bf16, TF32 for tf32 and
+    tf32-conv (where the convolutions, most of a step's FLOPs, run in TF32), fp32 otherwise -- the
+    peak that a step's achieved FLOP/s is a percentage of."""
     n = 8192 if device.type == "cuda" else 2048
-    dtype = torch.float32
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    allow = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision.startswith("tf32")
+    try:
+        return _matmul_flops(device, n, dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+
+
+def _matmul_flops(device, n, dtype):
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(5):
@@ -270,11 +282,13 @@ def main():
     mean = torch.tensor([0.49, 0.48, 0.45], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.25, 0.24, 0.26], device=device).view(1, 3, 1, 1)
     data = dict(x=x_cpu[:n].to(device), x_cpu=x_cpu, mean=mean, std=std)
-    peak = matmul_peak(device)
+    precision = {v: "bf16" if v == "ours_bf16" else common.set_precision(args.precision, device) for v in args.variants}
+    peaks = {p: matmul_peak(device, p) for p in sorted(set(precision.values()))}
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"out_dim {args.out_dim}, {args.steps} steps x {args.reps} reps, plain DataLoader workers "
-          f"{args.workers}; dense matmul peak {peak / 1e12:.2f} TFLOP/s")
+          f"{args.workers}; dense matmul peak " + ", ".join(f"{p} {v / 1e12:.2f}" for p, v in peaks.items())
+          + " TFLOP/s")
     speedups = {}
     for arch in args.archs:
         # the one-off cost of the cache, per 50k images (a CIFAR-10 epoch's worth)
@@ -305,7 +319,7 @@ def main():
             rows[v] = img_s
             flops = flops_per_step(arch, v, data, args, device)
             print(f"{arch:9s} {v:13s} {img_s:9.1f} img/s  {50_000 / img_s:8.2f} s/epoch(50k)  "
-                  f"{flops * img_s / args.batch_size / peak:6.1%} of peak  "
+                  f"{flops * img_s / args.batch_size / peaks[precision[v]]:6.1%} of {precision[v]} peak  "
                   f"{flops / args.batch_size / 1e9:6.2f} GFLOP/img")
         del built
         if device.type == "cuda":   # peak memory of one step of each, alone

@@ -88,8 +88,9 @@ def positive(kind=float):
 def add_precision_arg(p):
     """`--precision`, for every script that runs a network (see setup_device)."""
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="numerics: fp32, tf32 (CUDA: TF32 convolutions, the authors' runs), bf16 autocast; "
-                        "auto = tf32 on CUDA, fp32 on CPU (README, 'Numerics')")
+                   help="numerics: fp32; tf32-conv (CUDA: TF32 convolutions, fp32 matmuls, the authors' runs); "
+                        "tf32 (CUDA: TF32 convolutions and matmuls); bf16 autocast; auto = tf32-conv on CUDA, "
+                        "fp32 on CPU (RESULTS.md, 'Numerics'). provenance.json and args.json record what ran")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,8 +219,10 @@ def open_run_dir(out, args, may_differ, script, defaults=None, state_files=(), w
 
 
 def write_args(out, script, args):
-    """<out>/args.json: the script's name and its arguments (a resume rewrites the ones it may change)."""
-    write_json(os.path.join(out, "args.json"), {"script": script, **args})
+    """<out>/args.json: the script's name, its arguments (a resume rewrites the ones it may change)
+    and the precision that actually ran (`--precision auto` resolved by setup_device)."""
+    write_json(os.path.join(out, "args.json"), {"script": script, **args,
+                                                **({"precision_used": _precision} if _precision else {})})
 
 
 def git_commit():
@@ -918,17 +921,18 @@ def gaussian_inputs(n, img_size, generator):
 # ----------------------------------------------------------------------------------------------
 # Training loop: data on the device, batches are index slices, no DataLoader, no per-step sync.
 
-PRECISIONS = ["auto", "fp32", "tf32", "bf16"]
+PRECISIONS = ["auto", "fp32", "tf32-conv", "tf32", "bf16"]
 _autocast_dtype = None   # set once per process by setup_device: None (full precision) or torch.bfloat16
 _precision = None        # the precision in use, `auto` resolved (what provenance.json records)
 
 
 def setup_device(device, precision="auto"):
     """Check `--device` and set the numerics of every network in this process (`--precision`):
-    fp32 (no TF32 anywhere), tf32 (CUDA only: cuDNN convolutions in TF32, matmuls fp32 -- PyTorch's
-    defaults, what the authors' runs used), bf16 (autocast). `auto`: the authors' numerics, tf32 on
-    CUDA and fp32 elsewhere (README, 'Numerics': why bf16 is opt-in). On CUDA cuDNN picks the
-    fastest kernels. Under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
+    fp32 (no TF32 anywhere), tf32-conv (CUDA: cuDNN convolutions in TF32, matmuls fp32 -- PyTorch's
+    defaults, what the authors' runs used), tf32 (CUDA: convolutions and matmuls in TF32, the head's
+    Linear layers too), bf16 (autocast). `auto`: the authors' numerics, tf32-conv on CUDA and fp32
+    elsewhere (RESULTS.md, 'Numerics': why bf16 is opt-in). On CUDA cuDNN picks the fastest
+    kernels. Under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -956,11 +960,11 @@ def set_precision(precision, device):
     if precision not in PRECISIONS:
         raise UserError(f"unknown --precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = "tf32" if torch.device(device).type == "cuda" else "fp32"
-    if precision == "tf32" and torch.device(device).type != "cuda":
-        raise UserError("--precision tf32 needs a CUDA device; on CPU use fp32 or bf16")
-    torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = False
+        precision = "tf32-conv" if torch.device(device).type == "cuda" else "fp32"
+    if precision.startswith("tf32") and torch.device(device).type != "cuda":
+        raise UserError(f"--precision {precision} needs a CUDA device; on CPU use fp32 or bf16")
+    torch.backends.cudnn.allow_tf32 = precision.startswith("tf32")
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     _autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     _precision = precision
     return precision

@@ -393,9 +393,23 @@ def test_each_precision_gives_the_activation_dtype_it_promises(precision, dtype)
         common.setup_device("cpu", "fp32")
 
 
-def test_tf32_is_refused_without_cuda():
-    with pytest.raises(UserError, match="tf32 needs a CUDA device"):
-        common.setup_device("cpu", "tf32")
+@pytest.mark.parametrize("precision", ["tf32", "tf32-conv"])
+def test_tf32_is_refused_without_cuda(precision):
+    with pytest.raises(UserError, match=f"{precision} needs a CUDA device"):
+        common.setup_device("cpu", precision)
+
+
+@pytest.mark.parametrize("precision,conv,matmul,resolved", [("auto", True, False, "tf32-conv"),
+                                                            ("tf32-conv", True, False, "tf32-conv"),
+                                                            ("tf32", True, True, "tf32"), ("fp32", False, False, "fp32")])
+def test_cuda_auto_is_the_authors_numerics_and_tf32_covers_the_matmuls(precision, conv, matmul, resolved):
+    # the flags only (no GPU needed): auto = TF32 convolutions and fp32 matmuls, as the authors' runs;
+    # tf32 puts the head's Linear layers (16% of a VGG11 step) on TF32 too
+    try:
+        assert common.set_precision(precision, "cuda") == resolved
+        assert torch.backends.cudnn.allow_tf32 == conv and torch.backends.cuda.matmul.allow_tf32 == matmul
+    finally:
+        common.set_precision("fp32", "cpu")
 
 
 def test_loss_stays_fp32_under_bf16_autocast():
