@@ -997,6 +997,18 @@ def gather_rows(t, n_rows):
     return torch.cat([p[:k] for p, k in zip(parts, sizes)])
 
 
+def local_batch_sizes(batch_sizes):
+    """The batch sizes this rank runs for global `batch_sizes` (train_steps' slices; a rank left
+    without images runs one with weight 0): what torch.compile should be tried on."""
+    rank, n = world()
+    return sorted({max(b // n + (rank < b % n), 1) for b in batch_sizes})
+
+
+def activation_dtype():
+    """The dtype a network's outputs have under `--precision` (bf16 under autocast, else float32)."""
+    return _autocast_dtype or torch.float32
+
+
 def autocast(device):
     """The autocast context of `--precision` (setup_device): bf16 autocast, or none (fp32/tf32)."""
     if _autocast_dtype is None:

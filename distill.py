@@ -31,13 +31,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (ARCHS, BOTTLENECKS, DATASETS, NOISE, NORMS, NonFiniteLoss, UserError, add_precision_arg,
-                    append_jsonl, arg_parser, at_least, atomic_save, autocast, balanced_subset, check_run_kind, check_same_data,
-                    compiled, data_record, distillation_loss, epoch_batches, extract_features, flat_params,
-                    gather_rows, gaussian_inputs, knn_probe, linear_probe, load_checkpoint, load_dataset,
-                    locality_init, make_encoder, make_model, model_from_checkpoint, normalize, open_run_dir,
-                    parse_bottleneck, positive, probe_subset, provenance_segment, pyplot, read_jsonl,
-                    release_run_dir, run_main, save_figure, seed_type, setup_device, shard, train_steps,
-                    weights_version, world, write_args, write_json, write_jsonl, write_provenance, write_text)
+                    activation_dtype, append_jsonl, arg_parser, at_least, atomic_save, autocast,
+                    balanced_subset, check_run_kind, check_same_data, compiled, data_record, distillation_loss,
+                    epoch_batches, extract_features, flat_params, gather_rows, gaussian_inputs, knn_probe,
+                    linear_probe, load_checkpoint, load_dataset, local_batch_sizes, locality_init, make_encoder,
+                    make_model, model_from_checkpoint, normalize, open_run_dir, parse_bottleneck, positive,
+                    probe_subset, provenance_segment, pyplot, read_jsonl, release_run_dir, run_main,
+                    save_figure, seed_type, setup_device, shard, train_steps, weights_version, world,
+                    write_args, write_json, write_jsonl, write_provenance, write_text)
 
 
 def parse_args(argv=None):
@@ -153,10 +154,10 @@ def make_loss(student, teacher, x_distill, data, cache=True, compile_batches=())
     2^16-wide passes). A teacher whose weights change after its codes were cached (an EMA
     update, say) raises instead of being served stale codes."""
     criterion = distillation_loss
-    if compile_batches:
-        g, m = torch.Generator().manual_seed(0), teacher.head.out_dim
-        examples = [(torch.randn(b, m, generator=g).to(x_distill.device).requires_grad_(),
-                     torch.randn(b, m, generator=g).to(x_distill.device)) for b in compile_batches]
+    if compile_batches:   # tried on the logits' shapes and dtype as they will come (bf16 under autocast)
+        g, m, dtype = torch.Generator().manual_seed(0), teacher.head.out_dim, activation_dtype()
+        examples = [(torch.randn(b, m, generator=g).to(x_distill.device, dtype).requires_grad_(),
+                     torch.randn(b, m, generator=g).to(x_distill.device, dtype)) for b in compile_batches]
         criterion = compiled(distillation_loss, examples)
     codes = teacher_codes(teacher, x_distill, data) if cache else None
     if cache:
@@ -374,7 +375,8 @@ def main(argv=None):
     train_model = student
     if world_size > 1:   # torchrun: DDP averages the gradients of each rank's slice of the batch
         train_model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    batch_sizes = sorted({min(args.batch_size, len(x_distill)), len(x_distill) % args.batch_size} - {0})
+    # the shapes that will run: this rank's slices of the full and the last partial batch
+    batch_sizes = local_batch_sizes({min(args.batch_size, len(x_distill)), len(x_distill) % args.batch_size} - {0})
     if args.compile == "all":
         train_model = compiled(train_model, [(normalize(x_distill[:b], distill_data),) for b in batch_sizes])
     loss_fn = make_loss(train_model, teacher, x_distill, distill_data, cache=not args.recompute_teacher,

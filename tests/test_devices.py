@@ -58,3 +58,20 @@ def test_device_cuda_n_becomes_the_current_device(monkeypatch):
     assert common.setup_device("cuda:1", "fp32") == torch.device("cuda", 1) and chosen == [1]
     with pytest.raises(common.UserError, match="cuda:2: this machine has 2 CUDA device"):
         common.setup_device("cuda:2", "fp32")
+
+
+def test_the_loss_is_compiled_for_the_local_batch_and_the_dtype_that_run(monkeypatch):
+    # under torchrun a rank runs a slice of the global batch, under bf16 the logits are bf16: a trial
+    # compile at the global batch in fp32 would compile shapes that never come and recompile at step 1
+    monkeypatch.setattr(common, "world", lambda: (1, 3))
+    assert common.local_batch_sizes({256, 1}) == [1, 85]   # 256 = 86 + 85 + 85; a lone image: rank 1 runs 1 (weight 0)
+    distill = load_script("distill")
+    seen = []
+    monkeypatch.setattr(distill, "compiled", lambda fn, examples: seen.extend(examples) or fn)
+    common.set_precision("bf16", "cpu")
+    teacher = common.make_model("resnet20", 64, generator=torch.Generator().manual_seed(0)).eval()
+    x = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    data = dict(mean=torch.zeros(1, 3, 1, 1), std=torch.ones(1, 3, 1, 1))
+    monkeypatch.setattr(common, "world", lambda: (0, 1))
+    distill.make_loss(teacher, teacher, x, data, cache=False, compile_batches=[3])
+    assert [(tuple(s.shape), s.dtype) for s, t in seen] == [((3, 64), torch.bfloat16)]
