@@ -971,7 +971,8 @@ def set_precision(precision, device):
 
 
 # Data parallel (torchrun): one seeded permutation on every rank, each rank takes its slice of
-# every batch, gradients are averaged by DistributedDataParallel, rank 0 probes and writes.
+# every batch, gradients are averaged by DistributedDataParallel, rank 0 writes (every rank probes
+# the gathered features: the probes are cheap next to the feature extraction, which is split).
 
 def world():
     """(rank, world size); (0, 1) for a plain `python script.py`."""

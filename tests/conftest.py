@@ -22,3 +22,11 @@ def load_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    """Tests that take a `device` run on the CPU and, on a machine with a GPU, on CUDA as well."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device(request.param)

@@ -156,10 +156,10 @@ def test_alpha_outside_unit_interval_is_rejected():
 
 # ------------------------------------------------------------------ the loss (§3, §4)
 
-def test_loss_equals_hand_computed_cross_entropy():
+def test_loss_equals_hand_computed_cross_entropy(device):
     s = torch.tensor([[0.1, -0.3, 0.7], [1.0, 0.0, -1.0]])
     t = torch.tensor([[0.5, 0.2, -0.1], [0.0, 0.3, 0.3]])
-    ce, kl, ent = distillation_loss(s, t)
+    ce, kl, ent = distillation_loss(s.to(device), t.to(device))
     s64, t64 = s.double(), t.double()
     p_t = t64.exp() / t64.exp().sum(1, keepdim=True)
     log_p_s = s64 - s64.exp().sum(1, keepdim=True).log()
@@ -189,10 +189,12 @@ def _cache_setup():
     return teacher, student, x, data
 
 
-def test_teacher_cache_gives_the_recomputed_loss_and_gradients():
+def test_teacher_cache_gives_the_recomputed_loss_and_gradients(device):
     import distill
     teacher, student, x, data = _cache_setup()
-    idx = torch.tensor([3, 17, 5, 39, 0, 22])
+    teacher, student, x = teacher.to(device), student.to(device), x.to(device)
+    data = {k: v.to(device) for k, v in data.items()}
+    idx = torch.tensor([3, 17, 5, 39, 0, 22], device=device)
     results = []
     for cache in (True, False):
         loss_fn = distill.make_loss(student, teacher, x, data, cache=cache)
@@ -234,22 +236,23 @@ def test_compiled_loss_matches_eager():
 
 # ------------------------------------------------------------------ probes (§3, App. C.1)
 
-def test_knn_probe_matches_hand_computation_for_both_metrics():
-    train = torch.tensor([[0.0, 1.0], [0.0, 2.0], [1.0, 0.0], [3.0, 0.0], [-1.0, 0.0]])
-    labels = torch.tensor([0, 0, 1, 1, 2])
-    test = torch.tensor([[0.0, 1.5], [2.0, 0.1]])
+def test_knn_probe_matches_hand_computation_for_both_metrics(device):
+    train = torch.tensor([[0.0, 1.0], [0.0, 2.0], [1.0, 0.0], [3.0, 0.0], [-1.0, 0.0]], device=device)
+    labels = torch.tensor([0, 0, 1, 1, 2], device=device)
+    test = torch.tensor([[0.0, 1.5], [2.0, 0.1]], device=device)
     # k=3, L2: test0 neighbours = points 0, 1 (d=0.5) and point 2 or 4 (d=1.80) -> class 0 has 2 votes
     #          test1 neighbours = points 2, 3 (d=1.00) and point 0 (d=2.19) -> votes {1: 2, 0: 1} -> 1
-    assert knn_probe(train, labels, test, torch.tensor([0, 1]), k=3, metric="l2") == 1.0
+    assert knn_probe(train, labels, test, torch.tensor([0, 1], device=device), k=3, metric="l2") == 1.0
     # cosine, T=0.07: test1 ~ (1, 0.05): sims 0.05, 0.05, 0.9988, 0.9988, -0.9988 over k=3 ->
     # classes 1, 1, and one of the 0-class points -> 1; test0 = (0, 1): 1, 1, 0 -> class 0 wins
-    assert knn_probe(train, labels, test, torch.tensor([0, 1]), k=3, metric="cosine") == 1.0
+    assert knn_probe(train, labels, test, torch.tensor([0, 1], device=device), k=3, metric="cosine") == 1.0
     # tie: k=2 with one neighbour of class 1 and one of class 2 -> the lower class index wins
-    tie_train, tie_y = torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), torch.tensor([2, 1])
-    assert knn_probe(tie_train, tie_y, torch.zeros(1, 2), torch.tensor([1]), k=2, metric="l2") == 1.0
+    tie_train, tie_y = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], device=device), torch.tensor([2, 1], device=device)
+    assert knn_probe(tie_train, tie_y, torch.zeros(1, 2, device=device), torch.tensor([1], device=device), k=2,
+                     metric="l2") == 1.0
     # cosine weights break the L2 tie: the nearer-in-angle neighbour dominates
-    q = torch.tensor([[0.9, 0.1]])
-    assert knn_probe(tie_train, tie_y, q, torch.tensor([2]), k=2, metric="cosine") == 1.0
+    q = torch.tensor([[0.9, 0.1]], device=device)
+    assert knn_probe(tie_train, tie_y, q, torch.tensor([2], device=device), k=2, metric="cosine") == 1.0
 
 
 def test_linear_probe_separates_linearly_separable_classes():
@@ -265,12 +268,13 @@ def test_linear_probe_separates_linearly_separable_classes():
     assert linear_probe(f_tr, shuffled, f_te, y_te) < 0.4
 
 
-def test_batched_linear_probes_equal_separate_ones():
+def test_batched_linear_probes_equal_separate_ones(device):
     g = torch.Generator().manual_seed(0)
     f_tr, f_te = torch.randn(3, 200, 16, generator=g), torch.randn(3, 80, 16, generator=g)
     y_tr, y_te = torch.randint(0, 4, (200,), generator=g), torch.randint(0, 4, (80,), generator=g)
     f_tr[[0, 2], :, 0] += 3 * y_tr   # probes 0 and 2 can learn, probe 1 sees noise only
     f_te[[0, 2], :, 0] += 3 * y_te
+    f_tr, f_te, y_tr, y_te = (t.to(device) for t in (f_tr, f_te, y_tr, y_te))
     batched = linear_probe(f_tr, y_tr, f_te, y_te, 4, epochs=5, batch_size=32, seed=5)
     assert batched == [linear_probe(f_tr[i], y_tr, f_te[i], y_te, 4, epochs=5, batch_size=32, seed=5) for i in range(3)]
     assert batched[0] > batched[1]
