@@ -1,6 +1,9 @@
 """CUDA's device rules checked on a CPU: torch's FakeTensorMode gives tensors a `cuda` device without
 a GPU and raises on a device mix as CUDA would, so the steps where tensors from several sources meet
 are tested here, in CI, before any GPU runs them."""
+import copy
+import types
+
 import pytest
 import torch
 import torch.nn as nn
@@ -75,3 +78,59 @@ def test_the_loss_is_compiled_for_the_local_batch_and_the_dtype_that_run(monkeyp
     monkeypatch.setattr(common, "world", lambda: (0, 1))
     distill.make_loss(teacher, teacher, x, data, cache=False, compile_batches=[3])
     assert [(tuple(s.shape), s.dtype) for s, t in seen] == [((3, 64), torch.bfloat16)]
+
+
+def fake_cuda(module, mode):
+    """The module with every parameter and buffer replaced by a fake CUDA copy (what .to("cuda") does;
+    Module.to itself cannot swap tensors under FakeTensorMode). Called outside the mode."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                fake = mode.from_tensor(p.detach())
+                with mode:
+                    m._parameters[name] = nn.Parameter(fake.to("cuda"), p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                fake = mode.from_tensor(b)
+                with mode:
+                    m._buffers[name] = fake.to("cuda")
+    return module
+
+
+def test_resident_batches_teacher_codes_loss_and_probe_features_stay_on_the_device(monkeypatch):
+    distill = load_script("distill")
+    # fake tensors cannot be deep-copied into the same fake mode: the cached teacher's last layer is
+    # shared instead (the authors' head has no weight norm to fold into it, so nothing is modified)
+    monkeypatch.setattr(distill, "copy", types.SimpleNamespace(deepcopy=copy.copy))
+    g = torch.Generator().manual_seed(0)
+    teacher = common.make_model("resnet20", 64, "authors", generator=g).eval().requires_grad_(False)
+    student = common.make_model("resnet20", 64, "authors", generator=g)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    mode = FakeTensorMode()
+    teacher, student, x = fake_cuda(teacher, mode), fake_cuda(student, mode), mode.from_tensor(x)
+    with mode:
+        x = x.to("cuda")   # the resident data
+        data = dict(mean=torch.full((1, 3, 1, 1), 0.5, device="cuda"), std=torch.full((1, 3, 1, 1), 0.25, device="cuda"))
+        for cache in (True, False):
+            loss_fn = distill.make_loss(student, teacher, x, data, cache=cache)   # teacher codes cached on the device
+            idx = distill.step_batches(8, 4, seed=0, first=0, last=1, device=torch.device("cuda"))[0]
+            ce, stats = loss_fn(idx)   # index slices of the resident data, the loss on the device
+            # (the backward needs a CUDA runtime even for fake tensors: gpu_check.py runs it on a GPU)
+            assert ce.device.type == stats["kl"].device.type == "cuda"
+        features = common.extract_features(student.encoder, x, data, device=torch.device("cuda"))   # probe inputs
+        assert features.device.type == "cuda" and features.shape == (8, 64)
+
+
+def test_imp_masks_and_lmc_paths_combine_tensors_on_the_device():
+    imp, lmc = load_script("imp"), load_script("lmc")
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if p.dim() > 1}
+    mode = FakeTensorMode()
+    model, masks = fake_cuda(model, mode), {k: mode.from_tensor(v) for k, v in masks.items()}
+    with mode:
+        # what imp.main does with the masks of a loaded state (saved as CPU tensors)
+        imp.apply_masks(model, {k: v.to("cuda") for k, v in masks.items()})
+        state_i = {k: v.clone() for k, v in model.state_dict().items()}
+        state_j = {k: 2 * v if v.is_floating_point() else v for k, v in state_i.items()}
+        path = lmc.interpolate(state_i, state_j, 0.25)
+        assert all(v.device.type == "cuda" for v in path.values())
