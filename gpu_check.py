@@ -20,9 +20,11 @@ and the summary table last:
      it got. Its files (no checkpoints) are archived as <out>/runs.tar.gz, to go to results/gpu/.
 """
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
 import torch
@@ -200,14 +202,16 @@ def bench_stage(device, small, out, timeout):
     return dict(ratios=ratios)
 
 
-def fig1_stage(data_root, out, deadline):
-    """VGG11 at the paper's protocol, the authors' configuration first, then the default head."""
+def fig1_stage(data_root, out, deadline, work):
+    """VGG11 at the paper's protocol, the authors' configuration first, then the default head. The run
+    directories (checkpoints of hundreds of MB) live in `work`; <out> gets their logs and an archive
+    of their small files."""
     runs = {}
     for name, head in (("vgg11_authors", ["--bottleneck", "authors", "--bias-decay", "0.01"]), ("vgg11_paper", [])):
         left = deadline - time.time()
         if left < 60:
             break
-        run_dir = os.path.join(out, "runs", name)
+        run_dir = os.path.join(work, "runs", name)
         code, _ = run_script(["distill.py", "--arch", "vgg11", "--alpha", "1e-10", *head, "--dataset", "imagefolder",
                               "--data-root", data_root, "--epochs", "100", "--batch-size", "256", "--probe-every", "10",
                               "--out", run_dir], left - 30, os.path.join(out, f"{name}.log"))
@@ -216,8 +220,9 @@ def fig1_stage(data_root, out, deadline):
         last = metrics[-1] if metrics else {}
         runs[name] = dict(exit=code, epoch=last.get("epoch"), student_linear=last.get("student_linear"),
                           teacher_linear=last.get("teacher_linear"), student_knn=last.get("student_knn"))
+    os.makedirs(out, exist_ok=True)
     with tarfile.open(os.path.join(out, "runs.tar.gz"), "w:gz") as tar:   # small files only: no checkpoints
-        tar.add(os.path.join(out, "runs"), arcname="runs", filter=lambda t: None if t.name.endswith(".pt") else t)
+        tar.add(os.path.join(work, "runs"), arcname="runs", filter=lambda t: None if t.name.endswith(".pt") else t)
     assert runs and all(r["epoch"] for r in runs.values()), f"no probe point reached: {runs}"
     return runs
 
@@ -227,7 +232,10 @@ def fig1_stage(data_root, out, deadline):
 def main(argv=None):
     p = arg_parser(__doc__)
     p.add_argument("--out", required=True, help="folder for summary.md, check.json, logs and runs.tar.gz")
-    p.add_argument("--data", default=None, help="cifar10-jpeg.tar.gz (stage 3 extracts it into <out>/data)")
+    p.add_argument("--data", default=None, help="cifar10-jpeg.tar.gz (stage 3 extracts it into --data-dir)")
+    p.add_argument("--data-dir", default=None,
+                   help="where to extract it (default: a temporary folder; never under --out, which stays a few "
+                        "small files: summary.md, check.json, the logs, runs.tar.gz)")
     p.add_argument("--small", action="store_true", help="fake data, small shapes, stages 1-2 only (a CPU check)")
     p.add_argument("--minutes", type=at_least(1.0, float), default=8.0, help="the whole check's time box")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -243,12 +251,17 @@ def main(argv=None):
     results = dict(device=str(device), machine=machine_name(device), torch=str(torch.__version__),
                    commit=common.git_commit(), stages=[])
 
-    def record(stage, fn, *fn_args):
+    def record(stage, fn, *fn_args, limit=120):
+        """Run one stage within `limit` seconds (SIGALRM: a hung compile or kernel fails the stage)."""
         t0 = time.time()
+        signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError(f"over its {limit} s time box")))
+        signal.alarm(int(limit))
         try:
             row = dict(stage=stage, verdict="PASS", **fn(*fn_args))
         except Exception as e:   # a failed stage is reported and the next one runs
             row = dict(stage=stage, verdict="FAIL", error=f"{type(e).__name__}: {str(e).strip()[:300]}")
+        finally:
+            signal.alarm(0)
         row["seconds"] = round(time.time() - t0, 1)
         results["stages"].append(row)
         print(f"{row['verdict']} {stage}" + (f": {row['error']}" if "error" in row else ""), flush=True)
@@ -262,14 +275,16 @@ def main(argv=None):
     record("checkpoint from the device loads on the CPU", checkpoint_loads_on_cpu, device, args.out)
     record("fused AdamW resumed = uninterrupted", adamw_resumes, device)
     record("probes on the device = probes on the CPU", probes_match_cpu, device)
-    record("bench.py: plain vs ours", bench_stage, device, args.small, args.out,
-           min(180, deadline - time.time() - (0 if args.small else 120)))
+    bench_s = min(180, deadline - time.time() - (0 if args.small else 120))
+    record("bench.py: plain vs ours", bench_stage, device, args.small, args.out, bench_s, limit=bench_s + 30)
     if not args.small:
-        data_root = os.path.join(args.out, "data", "cifar10-jpeg")
+        data_dir = args.data_dir or tempfile.mkdtemp(prefix="gpu_check_data")   # the runs go there too
+        data_root = os.path.join(data_dir, "cifar10-jpeg")
         if not os.path.isdir(data_root):
             with tarfile.open(args.data) as tar:
-                tar.extractall(os.path.join(args.out, "data"), filter="data")
-        record("Fig. 1 VGG11, paper protocol (authors' head, then default)", fig1_stage, data_root, args.out, deadline)
+                tar.extractall(data_dir, filter="data")
+        record("Fig. 1 VGG11, paper protocol (authors' head, then default)", fig1_stage, data_root, args.out, deadline,
+               data_dir, limit=max(deadline - time.time(), 60) + 60)
     print(summary(results))
     return results
 

@@ -40,9 +40,10 @@ def test_stage_3_archives_the_run_files_without_checkpoints(tmp_path, monkeypatc
             f.write(b"weights")
         return "timeout", ""
     monkeypatch.setattr(check, "run_script", fake_distill)
-    runs = check.fig1_stage("data", str(tmp_path), time.time() + 300)
+    runs = check.fig1_stage("data", str(tmp_path / "out"), time.time() + 300, str(tmp_path / "work"))
     assert list(runs) == ["vgg11_authors", "vgg11_paper"] and runs["vgg11_authors"]["epoch"] == 10
     assert "--bottleneck" in calls[0] and "authors" in calls[0] and "--bias-decay" in calls[0]
-    with tarfile.open(tmp_path / "runs.tar.gz") as tar:
+    assert sorted(os.listdir(tmp_path / "out")) == ["runs.tar.gz"]   # logs too in a real run; never checkpoints
+    with tarfile.open(tmp_path / "out" / "runs.tar.gz") as tar:
         names = tar.getnames()
     assert "runs/vgg11_authors/metrics.jsonl" in names and not [n for n in names if n.endswith(".pt")]
