@@ -65,8 +65,13 @@ def compiled_loss_equals_eager(device, small):
     b, m = (16, 1024) if small else (256, 65536)
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(b, m, generator=g).to(device), torch.randn(b, m, generator=g).to(device)
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
     fast = compiled(distillation_loss, [(s.clone().requires_grad_(), t)])
+    # no fallback: compiled() kept the compiled function, and dynamo captured a graph (with its
+    # errors suppressed, a failed trace would run eager inside the compiled wrapper)
     assert fast is not distillation_loss, "torch.compile fell back to eager"
+    assert counters["stats"]["unique_graphs"] > graphs, "dynamo captured no graph: the loss runs eager"
     out = []
     for fn in (distillation_loss, fast):
         x = s.clone().requires_grad_()
