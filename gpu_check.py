@@ -66,6 +66,7 @@ def compiled_loss_equals_eager(device, small):
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(b, m, generator=g).to(device), torch.randn(b, m, generator=g).to(device)
     from torch._dynamo.utils import counters
+    torch._dynamo.reset()   # a graph cached by an earlier compile (same process) would hide a failed trace
     graphs = counters["stats"]["unique_graphs"]
     fast = compiled(distillation_loss, [(s.clone().requires_grad_(), t)])
     # no fallback: compiled() kept the compiled function, and dynamo captured a graph (with its
