@@ -2,26 +2,29 @@
 
 (a) plain: what peers write, a torchvision-style dataset (PIL image -> ToTensor -> Normalize per
     item) behind a DataLoader, batches copied to the device, the teacher's full forward every step.
-(b) ours: `common.train_epoch` with distill.py's `make_loss`: data resident on the device as uint8,
-    batches are index slices, the frozen teacher's bottleneck codes cached once per run so a step
-    runs only the teacher's last layer, the loss's 65536-wide elementwise passes fused by
-    torch.compile, and a fused AdamW step (plain: torch's default AdamW). Variants take one of
-    these away (the teacher recomputed every step, the loss eager) or add channels_last or a
-    compiled student, or run under bf16 autocast (ours_bf16).
+(b) ours: `common.train_epoch` with distill.py's `make_loss` and distill.py's defaults on this
+    device: data resident on the device as uint8, batches are index slices, the frozen teacher's
+    bottleneck codes cached once per run so a step runs only the teacher's last layer, the loss's
+    65536-wide elementwise passes fused by torch.compile, a fused AdamW step (plain: torch's
+    default AdamW), `--precision auto` and `--channels-last auto`. Modifiers name a variant of it:
+    ours_fp32 / ours_bf16 (numerics), ours_cl / ours_nocl (memory format), ours_compile (the student
+    compiled), ours_nocache (the teacher recomputed every step), ours_eager (the loss eager), and
+    any combination (ours_bf16_cl_compile).
 
-Same model and loss in every variant, at `--precision` (auto: TF32 convolutions on CUDA, fp32 on CPU)
-but for ours_bf16. All variants are built up front
+plain runs in PyTorch's default numerics (fp32 on CPU, TF32 convolutions on CUDA), what a peer's
+loop gets without asking (plain_bf16: under bf16 autocast). All variants are built up front
 and timed in turn, `--steps` steps each, `--reps` rounds; the median is reported. Also printed:
-achieved FLOP/s (counted with FlopCounterMode) over the device's measured dense matmul peak in
-each variant's precision (bf16 for ours_bf16, TF32 where convolutions run in TF32),
-peak memory of a step (CUDA), and the one-off cost of the teacher cache. Ratios are over plain
-(over the first variant listed when plain is not timed); the last line reads `speedup: X.XX`
-(ours over plain, VGG11 if timed), when both are timed.
+achieved FLOP/s (counted with FlopCounterMode) over the device's dense matmul peak, measured in
+each variant's precision (bf16, fp32, or TF32 where convolutions run in TF32), peak memory of a
+step (CUDA), and the one-off cost of the teacher cache. Ratios are over plain
+(over the first variant listed when plain is not timed); the last line reads
+`speedup (ours over plain): vgg11 X.XX, resnet18 Y.YY` when both are timed.
 
     python bench.py                               # CPU: few steps, a couple of minutes
     python bench.py --device cuda --steps 50      # GPU
     python bench.py --probe                       # a full probe against one distillation epoch
 """
+import argparse
 import math
 import statistics
 import time
@@ -38,23 +41,40 @@ from torch.utils.flop_counter import FlopCounterMode
 import common
 from common import (arg_parser, at_least, autocast, distillation_loss, extract_features, knn_probe, linear_probe,
                     make_model, run_main, setup_device, train_epoch)
-from distill import make_loss, teacher_codes
+from distill import CPU_AUTO_PRECISION, make_loss, teacher_codes
 
 p = arg_parser(__doc__)
 p.add_argument("--archs", nargs="+", default=["vgg11", "resnet18"])
-VARIANTS = ["plain", "ours_nocache", "ours_eager", "ours", "ours_bf16", "ours_cl", "ours_compile"]
-p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, metavar="VARIANT",
-               help="plain | ours (distill.py's defaults: teacher cache, fused AdamW, compiled loss) | "
-                    "ours_nocache (teacher recomputed every step) | ours_eager (loss not compiled) | "
-                    "ours_bf16 (+ --precision bf16) | ours_cl (+ channels_last) | "
-                    "ours_compile (+ the student compiled, --compile all)")
+VARIANTS = ["plain", "ours_nocache", "ours_eager", "ours_fp32", "ours", "ours_bf16", "ours_cl", "ours_compile"]
+MODIFIERS = {"fp32": "in fp32", "bf16": "under bf16 autocast", "cl": "channels_last", "nocl": "contiguous (NCHW)",
+             "compile": "the student compiled (--compile all)", "nocache": "the teacher recomputed every step",
+             "eager": "the loss not compiled"}
+
+
+def variant_type(v):
+    """plain | ours, followed by modifiers joined with '_' (ours_bf16_cl, plain_bf16, ...)."""
+    base, *mods = v.split("_")
+    allowed = {"fp32", "bf16"} if base == "plain" else set(MODIFIERS)
+    if (base not in ("plain", "ours") or not set(mods) <= allowed or len(set(mods)) < len(mods)
+            or {"fp32", "bf16"} <= set(mods) or {"cl", "nocl"} <= set(mods)):
+        raise argparse.ArgumentTypeError(f"invalid choice: {v!r} (plain or ours, then any of "
+                                         + ", ".join(f"_{m}" for m in MODIFIERS) + "; plain takes _fp32/_bf16 only)")
+    return v
+
+
+p.add_argument("--variants", nargs="+", default=VARIANTS, type=variant_type, metavar="VARIANT",
+               help="plain: the loop peers write, in PyTorch's default numerics (fp32 on CPU, TF32 convolutions "
+                    "on CUDA) | ours: distill.py's defaults on this device (teacher cache, compiled loss, fused "
+                    "AdamW, --precision auto and --channels-last auto); modifiers: "
+                    + "; ".join(f"_{k}: {v}" for k, v in MODIFIERS.items()))
 p.add_argument("--batch-size", type=at_least(1), default=256)
 p.add_argument("--out-dim", type=at_least(2), default=65536)
 p.add_argument("--steps", type=at_least(1), default=None, help="timed steps per repetition (default: 3 on CPU, 50 on CUDA)")
 p.add_argument("--reps", type=at_least(1), default=3)
 p.add_argument("--workers", type=at_least(0), default=None,
                help="DataLoader workers of the plain style (default: 0 on CPU, 8 on CUDA)")
-common.add_precision_arg(p)   # every variant's numerics but ours_bf16's
+common.add_precision_arg(p, CPU_AUTO_PRECISION)   # the numerics of 'ours' (modifiers _fp32/_bf16 override it)
+p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="of 'ours', as distill.py's")
 p.add_argument("--probe", action="store_true",
                help="instead: a full probe (features of 50k + 10k images, k-NN, linear) against one distillation "
                     "epoch (196 steps at batch 256) of each --archs, side by side")
@@ -106,22 +126,38 @@ def _matmul_flops(device, n, dtype):
     return 2 * n ** 3 / best
 
 
+def settings(variant, device, args):
+    """What a variant runs: its precision (resolved), channels_last, a compiled student, the teacher
+    cache, the compiled loss, fused AdamW."""
+    base, *mods = variant.split("_")
+    if base == "plain":   # what a peer's loop gets without asking: PyTorch's default numerics
+        precision = "bf16" if "bf16" in mods else "tf32-conv" if device.type == "cuda" else "fp32"
+        return dict(precision=precision, cl=False, compile=False, cache=False, compiled_loss=False, fused=False)
+    precision = ("bf16" if "bf16" in mods else "fp32" if "fp32" in mods
+                 else common.resolve_precision(args.precision, device, CPU_AUTO_PRECISION))
+    common.set_precision(precision, device)
+    cl = "cl" in mods or ("nocl" not in mods and common.use_channels_last(args.channels_last, device))
+    return dict(precision=precision, cl=cl, compile="compile" in mods, cache="nocache" not in mods,
+                compiled_loss="eager" not in mods, fused=True)
+
+
 def build(arch, variant, data, args, device):
     """Teacher, student, optimizer and a `step_fn(n_steps)` that runs n training steps."""
+    run = settings(variant, device, args)
     g = torch.Generator()
     teacher = make_model(arch, args.out_dim, generator=g.manual_seed(0)).to(device).eval().requires_grad_(False)
     student = make_model(arch, args.out_dim, generator=g.manual_seed(1)).to(device)
     student.load_state_dict(teacher.state_dict())
-    if variant == "ours_cl":
+    if run["cl"]:
         teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
     model = student
-    if variant == "ours_compile":
+    if run["compile"]:
         model = common.compiled(student, [(torch.randn(args.batch_size, 3, 32, 32, device=device),)])
     # ours: fused AdamW (one kernel over all parameters, CPU and CUDA); plain: torch's default
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=variant != "plain")
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=run["fused"])
     bs = args.batch_size
 
-    if variant == "plain":
+    if variant.startswith("plain"):
         tf = T.Compose([T.ToTensor(), T.Normalize(data["mean"].flatten().tolist(), data["std"].flatten().tolist())])
         loader = DataLoader(PeerCIFAR(data["x_cpu"], tf), batch_size=bs, shuffle=True, drop_last=True,
                             num_workers=args.workers, pin_memory=device.type == "cuda",
@@ -131,6 +167,7 @@ def build(arch, variant, data, args, device):
 
         def step_fn(n):
             nonlocal batches
+            common.set_precision(run["precision"], device)   # variants are timed in turn: each sets its own
             for _ in range(n):
                 xb = next(batches, None)
                 if xb is None:
@@ -147,18 +184,16 @@ def build(arch, variant, data, args, device):
         return step_fn, student, teacher
 
     x = data["x"]
-    if variant == "ours_cl":
+    if run["cl"]:
         x = x.contiguous(memory_format=torch.channels_last)
-    loss_fn = make_loss(model, teacher, x, data, cache=variant != "ours_nocache",
-                        compile_batches=[bs] if variant != "ours_eager" else [])
+    loss_fn = make_loss(model, teacher, x, data, cache=run["cache"],
+                        compile_batches=[bs] if run["compiled_loss"] else [])
     epoch = [0]
-    precision = "bf16" if variant == "ours_bf16" else args.precision
 
     def step_fn(n):   # n steps = one train_epoch over n batches of the resident data
         epoch[0] += 1
-        common.set_precision(precision, device)   # variants are timed in turn: each sets its own
+        common.set_precision(run["precision"], device)   # variants are timed in turn: each sets its own
         train_epoch(model, opt, loss_fn, n * bs, bs, 0, epoch[0], device)
-        common.set_precision(args.precision, device)
     return step_fn, student, teacher
 
 
@@ -214,7 +249,8 @@ def loss_peak_mib(loss, batch, out_dim, device):
 
 def flops_per_step(arch, variant, data, args, device):
     """FLOPs of one training step as FlopCounterMode counts them (forward + backward)."""
-    counted = variant if variant in ("plain", "ours_nocache") else "ours_eager"   # compiling, bf16 change no FLOPs
+    # compiling, channels_last and bf16 change no FLOPs; the teacher cache does
+    counted = "plain" if variant.startswith("plain") else "ours_fp32_nocl_eager" + ("_nocache" if "nocache" in variant else "")
     step_fn, *_ = build(arch, counted, data, args, device)
     with FlopCounterMode(display=False) as counter:
         step_fn(1)
@@ -271,7 +307,7 @@ def probe_vs_epoch(arch, device, n_train=50_000, n_test=10_000, distill_batch=25
 
 def main():
     args = p.parse_args()
-    device = setup_device(args.device, args.precision)
+    device = setup_device(args.device, args.precision, CPU_AUTO_PRECISION)
     if args.probe:
         return [probe_vs_epoch(arch, device) for arch in args.archs]
     args.steps = args.steps or (50 if device.type == "cuda" else 3)
@@ -282,7 +318,7 @@ def main():
     mean = torch.tensor([0.49, 0.48, 0.45], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.25, 0.24, 0.26], device=device).view(1, 3, 1, 1)
     data = dict(x=x_cpu[:n].to(device), x_cpu=x_cpu, mean=mean, std=std)
-    precision = {v: "bf16" if v == "ours_bf16" else common.set_precision(args.precision, device) for v in args.variants}
+    precision = {v: settings(v, device, args)["precision"] for v in args.variants}
     peaks = {p: matmul_peak(device, p) for p in sorted(set(precision.values()))}
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
@@ -318,7 +354,7 @@ def main():
             img_s = args.steps * args.batch_size / statistics.median(times[v])
             rows[v] = img_s
             flops = flops_per_step(arch, v, data, args, device)
-            print(f"{arch:9s} {v:13s} {img_s:9.1f} img/s  {50_000 / img_s:8.2f} s/epoch(50k)  "
+            print(f"{arch:9s} {v:20s} {img_s:9.1f} img/s  {50_000 / img_s:8.2f} s/epoch(50k)  "
                   f"{flops * img_s / args.batch_size / peaks[precision[v]]:6.1%} of {precision[v]} peak  "
                   f"{flops / args.batch_size / 1e9:6.2f} GFLOP/img")
         del built
@@ -328,7 +364,7 @@ def main():
                 step_fn(1)
                 torch.cuda.reset_peak_memory_stats(device)
                 step_fn(1)
-                print(f"{arch:9s} {v:13s} peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+                print(f"{arch:9s} {v:20s} peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
                 del step_fn
         base = "plain" if "plain" in rows else args.variants[0]
         best = max((v for v in rows if v != "plain"), key=rows.get, default="plain")
@@ -343,7 +379,7 @@ def main():
     print(f"loss peak memory, forward + backward on [{args.batch_size} x {args.out_dim}] fp32 logits: before "
           f"{before:.0f} MiB ({before / one:.1f} logit-sized tensors), after {after:.0f} MiB ({after / one:.1f})")
     if speedups:
-        print(f"speedup: {speedups.get('vgg11', next(iter(speedups.values()))):.2f}")
+        print("speedup (ours over plain): " + ", ".join(f"{a} {r:.2f}" for a, r in speedups.items()))
 
 
 if __name__ == "__main__":

@@ -85,12 +85,13 @@ def positive(kind=float):
     return at_least(0, kind, strict=True)
 
 
-def add_precision_arg(p):
+def add_precision_arg(p, cpu_auto="fp32"):
     """`--precision`, for every script that runs a network (see setup_device)."""
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="numerics: fp32; tf32-conv (CUDA: TF32 convolutions, fp32 matmuls, the authors' runs); "
                         "tf32 (CUDA: TF32 convolutions and matmuls); bf16 autocast; auto = tf32-conv on CUDA, "
-                        "fp32 on CPU (RESULTS.md, 'Numerics'). provenance.json and args.json record what ran")
+                        f"{cpu_auto} on a CPU{' with AMX (else fp32)' if cpu_auto == 'bf16' else ''} "
+                        "(RESULTS.md, 'Numerics'). provenance.json and args.json record what ran")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def provenance_segment(device, start):
     (`--precision auto` resolved), and where in the run it started (e.g. 'step 400'); a resumed run
     appends a segment."""
     return dict(commit=git_commit(), torch=str(torch.__version__), python=platform.python_version(),
-                machine=machine_name(device), device=str(device), precision=_precision,
+                machine=machine_name(device), device=str(device), precision=_precision, malloc=_malloc,
                 start=start, started=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=0.0)
 
 
@@ -926,13 +927,37 @@ _autocast_dtype = None   # set once per process by setup_device: None (full prec
 _precision = None        # the precision in use, `auto` resolved (what provenance.json records)
 
 
-def setup_device(device, precision="auto"):
+MALLOPT_ENV = "DISTILL_MALLOPT"   # =0: leave glibc's allocator at its defaults
+_malloc = "glibc default"
+
+
+def keep_freed_memory():
+    """glibc hands every freed block over its dynamic mmap threshold (a few MiB: each step's
+    activations, the 2^16-wide logits) back to the kernel and faults it in again on the next step:
+    ~30% system time and a third of a CPU step (RESULTS.md, Speed). mallopt raises the mmap and
+    trim thresholds to 2 GiB, so freed memory stays in the process for reuse -- what README's
+    GLIBC_TUNABLES did by hand; the price is a resident size that stays at its peak. Linux with glibc
+    only; DISTILL_MALLOPT=0 turns it off. Returns what the allocator does now (for provenance)."""
+    global _malloc
+    if sys.platform == "linux" and os.environ.get(MALLOPT_ENV, "1") != "0" and _malloc == "glibc default":
+        try:
+            import ctypes
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, limit = -1, -3, ctypes.c_int(2**31 - 1)
+            if mallopt(M_MMAP_THRESHOLD, limit) == 1 and mallopt(M_TRIM_THRESHOLD, limit) == 1:
+                _malloc = "mallopt: mmap and trim thresholds 2 GiB"
+        except (OSError, AttributeError):   # not glibc (musl, ...): nothing to set
+            pass
+    return _malloc
+
+
+def setup_device(device, precision="auto", cpu_auto="fp32"):
     """Check `--device` and set the numerics of every network in this process (`--precision`):
     fp32 (no TF32 anywhere), tf32-conv (CUDA: cuDNN convolutions in TF32, matmuls fp32 -- PyTorch's
     defaults, what the authors' runs used), tf32 (CUDA: convolutions and matmuls in TF32, the head's
-    Linear layers too), bf16 (autocast). `auto`: the authors' numerics, tf32-conv on CUDA and fp32
-    elsewhere (RESULTS.md, 'Numerics': why bf16 is opt-in). On CUDA cuDNN picks the fastest
-    kernels. Under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
+    Linear layers too), bf16 (autocast). `auto`: the authors' numerics, tf32-conv, on CUDA; on a CPU
+    `cpu_auto` (resolve_precision). On CUDA cuDNN picks the fastest kernels; on a CPU glibc keeps
+    freed memory (keep_freed_memory). Under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -945,7 +970,9 @@ def setup_device(device, precision="auto"):
         if dev.index is not None:   # the current device: where synchronize() waits and new CUDA tensors go
             torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True
-    set_precision(precision, dev)
+    else:
+        keep_freed_memory()
+    set_precision(precision, dev, cpu_auto)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -954,13 +981,52 @@ def setup_device(device, precision="auto"):
     return dev
 
 
-def set_precision(precision, device):
+def resolve_precision(precision, device, cpu_auto="fp32"):
+    """What `--precision auto` means on `device`: the authors' numerics on CUDA (TF32 convolutions);
+    on a CPU `cpu_auto` -- fp32, or bf16 where the script has shown bf16 tracks fp32 (distill.py) and
+    the CPU has AMX (bf16 matrix units; elsewhere bf16 is emulated and slower than fp32)."""
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "tf32-conv"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if cpu_auto == "bf16" and amx else "fp32"
+
+
+def use_channels_last(flag, device):
+    """`--channels-last auto|on|off` (after setup_device): auto is on for bf16 on a CPU, where oneDNN's
+    bf16 convolutions run in NHWC (RESULTS.md, Speed: ResNet18 1.17x, VGG11 1.11x at batch 256), off
+    elsewhere (unmeasured on CUDA; in fp32 on a CPU it slows VGG11 down)."""
+    if flag in ("on", True):
+        return True
+    if flag in ("off", False, None):
+        return False
+    return torch.device(device).type == "cpu" and _precision == "bf16"
+
+
+def resume_precision(out, precision, device, cpu_auto="fp32"):
+    """The numerics a resumed run goes on in: `--precision auto` means what it meant when the run
+    started (provenance.json's last segment, else args.json's precision_used, else the auto of
+    before bf16: fp32 on a CPU), so a default that changed does not change a run halfway."""
+    if precision != "auto":
+        return precision
+    try:
+        with open(os.path.join(out, "provenance.json")) as f:
+            ran = json.load(f)["segments"][-1]["precision"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        ran = (read_args_json(out) or {}).get("precision_used")
+    ran = ran or resolve_precision("auto", device, "fp32")
+    if ran not in PRECISIONS or (ran.startswith("tf32") and torch.device(device).type != "cuda"):
+        return resolve_precision("auto", device, cpu_auto)   # moved to another kind of device
+    return ran
+
+
+def set_precision(precision, device, cpu_auto="fp32"):
     """The numerics of `--precision` for this process (see setup_device); returns the resolved name."""
     global _autocast_dtype, _precision
     if precision not in PRECISIONS:
         raise UserError(f"unknown --precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        precision = "tf32-conv" if torch.device(device).type == "cuda" else "fp32"
+    precision = resolve_precision(precision, device, cpu_auto)
     if precision.startswith("tf32") and torch.device(device).type != "cuda":
         raise UserError(f"--precision {precision} needs a CUDA device; on CPU use fp32 or bf16")
     torch.backends.cudnn.allow_tf32 = precision.startswith("tf32")

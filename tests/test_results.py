@@ -41,3 +41,18 @@ def test_results_hold_small_text_files_and_every_run_its_arguments():
     for dirpath, _, names in os.walk(os.path.join(ROOT, "results")):
         if "metrics.jsonl" in names:
             assert "args.json" in names, dirpath
+
+
+def test_a_2000_step_run_holds_its_400_step_run():
+    # one 2000-step run gives both scales (constant lr, a seeded permutation per epoch): its rows
+    # through step 400 are those of the 400-step run of the same arguments, to the last digit
+    import json
+    pairs = [(os.path.join(ROOT, "results", "cpu400", name), os.path.join(ROOT, "results", "cpu2000", name))
+             for name in sorted(os.listdir(os.path.join(ROOT, "results", "cpu400")))]
+    assert pairs
+    for short, long in pairs:
+        rows = [[json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))] for d in (short, long)]
+        args = [json.load(open(os.path.join(d, "args.json"))) for d in (short, long)]
+        differ = {k for k in args[0] if args[0][k] != args[1].get(k)}
+        assert differ <= load_script("distill").RESUMABLE, (short, differ)   # what a rerun may change
+        assert rows[0] == [r for r in rows[1] if r["step"] <= args[0]["steps"]], short
