@@ -417,9 +417,8 @@ def cifar_resnet(blocks_per_stage, norm):
 
 
 class ViT(nn.Module):
-    """A standard pre-norm ViT with CLS-token output, patch 8 on 32 px (App. C.2). Note: the paper's
-    ViT parameter counts come from a non-standard model (one block shared across layers), so ours
-    do not match Table 5 for ViTs."""
+    """A standard pre-norm ViT with CLS-token output: 12 blocks of their own, patch 8 on 32 px (App.
+    C.2's text). Not the model behind Table 5 (that is AuthorsViT, `vit_tiny` ...): `vit_tiny_std` ..."""
 
     def __init__(self, width, heads, depth=12, patch=8, img_size=32):
         super().__init__()
@@ -441,12 +440,64 @@ class ViT(nn.Module):
         return self.norm(x[:, 0])
 
 
-VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_medium": (512, 8), "vit_base": (768, 12)}
+class AuthorsViT(nn.Module):
+    """The ViT that Table 5 measured and counts (dinopl's models/vit.py): ONE pre-norm transformer
+    block applied `depth` times (their `num_layers * [Block(...)]` repeats a single module: 594,048
+    parameters for ViT-Tiny), a 16-px patch embedding (4 patches at 32 px; App. C.2's text says
+    patch 8, its parameter counts say 16), a CLS token and position embeddings, a final LayerNorm,
+    the CLS output. Two quirks of that code stay, since they are the model the paper ran: its
+    attention softmax compares the *heads* of one token ([heads x heads] per token, not [tokens x
+    tokens]) and the reshape after it interleaves tokens and heads -- the only place tokens mix; its
+    MLP applies GELU after the second layer too. Init as theirs: PyTorch's default for every linear
+    layer and the patch embedding (uniform +-1/sqrt(fan_in), weights and biases), N(0, 1) CLS token
+    and positions, LayerNorms 1 / 0."""
+
+    def __init__(self, width, heads, depth=12, patch=16, img_size=32):
+        super().__init__()
+        self.heads, self.depth = heads, depth
+        self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch) ** 2, width))
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(width), nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.norm = nn.LayerNorm(width)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None):
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                bound = 1 / math.sqrt(m.weight[0].numel())   # 1/sqrt(fan_in)
+                nn.init.uniform_(m.weight, -bound, bound, generator=generator)
+                nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.cls_token, generator=generator)
+        nn.init.normal_(self.pos_embed, generator=generator)
+
+    def block(self, x):
+        B, L, E = x.shape
+        h = self.norm1(x)
+        q, k, v = self.qkv(h).reshape(B, L, 3, self.heads, E // self.heads).permute(2, 0, 1, 3, 4)   # B L H E/H
+        attn = (q @ k.transpose(-2, -1) * (E // self.heads) ** -0.5).softmax(-1)     # B L H H: heads vs heads
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(B, L, E))              # B H L E/H read as B L E
+        return x + F.gelu(self.fc2(F.gelu(self.fc1(self.norm2(x)))))
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)                           # B x patches x width
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        for _ in range(self.depth):   # the same block every time
+            x = self.block(x)
+        return self.norm(x)[:, 0]
+
+
+VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_medium": (512, 8), "vit_base": (768, 12)}   # Table 5's
+STD_VITS = {f"{name}_std": size for name, size in VITS.items()}   # standard 12-block ViTs, patch 8
 RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 CIFAR_RESNETS = {"resnet20": 3, "resnet56": 9}
-ARCHS = [*VGG_CFGS, *RESNETS, *CIFAR_RESNETS, *VITS, "flatten"]
+ARCHS = [*VGG_CFGS, *RESNETS, *CIFAR_RESNETS, *VITS, *STD_VITS, "flatten"]
 DEFAULT_NORM = {**{a: "none" for a in VGG_CFGS}, **{a: "batch" for a in [*RESNETS, *CIFAR_RESNETS]},
-                **{a: "layer" for a in VITS}, "flatten": "none"}
+                **{a: "layer" for a in [*VITS, *STD_VITS]}, "flatten": "none"}
 
 
 def make_encoder(arch, norm=None, generator=None, img_size=32):
@@ -456,9 +507,10 @@ def make_encoder(arch, norm=None, generator=None, img_size=32):
     norm = norm or DEFAULT_NORM[arch]
     if norm not in NORMS:
         raise UserError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
-    if arch in VITS and norm != "layer":
+    if (arch in VITS or arch in STD_VITS) and norm != "layer":
         raise UserError(f"{arch} uses LayerNorm; --norm applies to the convnets only")
-    smallest = 32 if arch in VGG_CFGS else 8 if arch in VITS else 1   # five 2x2 max-pools; one 8x8 patch
+    # five 2x2 max-pools; one 16x16 / 8x8 patch
+    smallest = 32 if arch in VGG_CFGS else 16 if arch in VITS else 8 if arch in STD_VITS else 1
     if img_size < smallest:
         raise UserError(f"{arch} needs images of at least {smallest}x{smallest} px, these are {img_size}x{img_size}; "
                         f"resize them first")
@@ -470,11 +522,17 @@ def make_encoder(arch, norm=None, generator=None, img_size=32):
         enc, embed = cifar_resnet(CIFAR_RESNETS[arch], norm), 64
     elif arch in VITS:
         width, heads = VITS[arch]
+        enc, embed = AuthorsViT(width, heads, img_size=img_size), width
+    elif arch in STD_VITS:
+        width, heads = STD_VITS[arch]
         enc, embed = ViT(width, heads, img_size=img_size), width
     else:  # the flattened-input baseline of Table 1 ("input")
         enc, embed = nn.Flatten(), 3 * img_size * img_size
     enc.embed_dim = embed
-    init_weights(enc, generator)
+    if isinstance(enc, AuthorsViT):
+        enc.reset_parameters(generator)
+    else:
+        init_weights(enc, generator)
     return enc
 
 

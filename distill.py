@@ -743,13 +743,33 @@ def runs_table(runs):
     return "\n".join(lines) + "\n"
 
 
+def scales_table(runs, step=400):
+    """Runs that probed at `step` and went on, at both scales side by side: a longer run's probe at
+    `step` is the shorter run's last (constant lr, seeded batch order; tests/test_results.py checks
+    it on results/), so one run gives the claims tables both (issue: the failing claims at 5x)."""
+    lines = [f"| run | student, step {step} | teacher, step {step} | student, last (step) | teacher, last | "
+             "best raw linear (step) |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        at = next((m for m in r["metrics"] if m["step"] == step and "student_linear" in m), None)
+        if at is None or r["final"]["step"] <= step:
+            continue
+        best = max(r["metrics"], key=lambda m: m.get("student_linear", -1))
+        lines.append(f"| {r['dir']} | {cells(at, 'student')} | {cells(at, 'teacher')} | {cells(r['final'], 'student')} "
+                     f"({r['final']['step']}) | {cells(r['final'], 'teacher')} | {100 * best['student_linear']:.1f} "
+                     f"({best['step']}) |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else None
+
+
 def plot_sweeps(dirs, out):
     """Draw every sweep figure the runs make up; returns {figure: [rows]} (also <out>/sweeps.json).
-    Writes <out>/runs.md (every run, last and best probe point) and, for a single run, its
+    Writes <out>/runs.md (every run, last and best probe point), <out>/scales.md (runs probed at
+    step 400 and beyond: both scales side by side) and, for a single run, its
     <out>/trajectory.md: the Markdown that RESULTS.md embeds."""
     runs = load_runs(dirs)
     os.makedirs(out, exist_ok=True)
     write_text(os.path.join(out, "runs.md"), runs_table(runs))
+    if scales_table(runs):
+        write_text(os.path.join(out, "scales.md"), scales_table(runs))
     if len(runs) == 1:   # one run: its curves and its trajectory, no sweep
         write_text(os.path.join(out, "trajectory.md"), trajectory_table(runs[0]))
         plot_curves(runs[0]["metrics"], os.path.join(out, "fig1.png"), argparse.Namespace(**runs[0]["args"]))

@@ -7,6 +7,7 @@ import tarfile
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import common
@@ -26,9 +27,30 @@ def n_params(module):
     ("vgg11", 9_220_480), ("vgg13", 9_404_992), ("vgg16", 14_714_688), ("vgg19", 20_024_384),
     ("resnet20", 271_824), ("resnet56", 855_120),
     ("resnet18", 11_168_832), ("resnet34", 21_276_992), ("resnet50", 23_500_352),
+    ("vit_tiny", 594_048), ("vit_small", 2_072_832), ("vit_medium", 3_550_208), ("vit_base", 7_684_608),
 ])
-def test_convnet_encoder_matches_table5_param_count(arch, count):
+def test_encoder_matches_table5_param_count(arch, count):
     assert n_params(make_encoder(arch)) == count
+
+
+def test_vit_is_the_authors_one_shared_block_with_head_attention():
+    # dinopl's models/vit.py, written out: the model Table 5 ran (checked equal to their module,
+    # bit for bit, with copied weights). One block, 12 times; attention over heads within a token.
+    enc = make_encoder("vit_tiny", generator=torch.Generator().manual_seed(0)).eval()
+    assert not any(".0." in k or "blocks" in k for k in enc.state_dict())   # no per-layer copies
+    x = torch.randn(2, 3, 32, 32)
+    t = enc.patch_embed(x).flatten(-2, -1).transpose(-2, -1)
+    t = torch.cat((enc.cls_token.expand(2, -1, -1), t), dim=1) + enc.pos_embed
+    H = 3   # ViT-Tiny's heads
+    for _ in range(12):
+        B, L, E = t.shape
+        qkv = enc.qkv(enc.norm1(t)).reshape(B, L, 3, E).permute(2, 0, 1, 3).reshape(3, B, L, H, E // H)
+        attn = F.softmax((qkv[0] @ qkv[1].transpose(-2, -1)) * (E // H) ** -0.5, dim=-1)   # B, L, H, H
+        t = enc.proj((attn @ qkv[2]).transpose(1, 2).reshape(B, L, E)) + t
+        t = F.gelu(enc.fc2(F.gelu(enc.fc1(enc.norm2(t))))) + t
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), enc.norm(t)[:, 0], rtol=1e-5, atol=1e-5)
+    assert enc.pos_embed.shape == (1, 5, 192)   # patch 16: 4 patches at 32 px + CLS
 
 
 def test_head_param_count_embed512_out65536():
