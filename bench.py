@@ -135,7 +135,7 @@ def settings(variant, device, args):
         return dict(precision=precision, cl=False, compile=False, cache=False, compiled_loss=False, fused=False)
     precision = ("bf16" if "bf16" in mods else "fp32" if "fp32" in mods
                  else common.resolve_precision(args.precision, device, CPU_AUTO_PRECISION))
-    common.set_precision(precision, device)
+    common.set_precision(precision, device)   # build() makes the teacher cache in the variant's numerics
     cl = "cl" in mods or ("nocl" not in mods and common.use_channels_last(args.channels_last, device))
     return dict(precision=precision, cl=cl, compile="compile" in mods, cache="nocache" not in mods,
                 compiled_loss="eager" not in mods, fused=True)
