@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
 
 
@@ -251,9 +250,12 @@ def machine_name(device):
 
 
 def data_record(*datasets):
-    """What a run read: per dataset its root, pixel fingerprint, split sizes and resolution."""
-    return {d["name"]: dict(root=d["root"], fingerprint=d["fingerprint"], train=len(d["y_train"]),
-                            test=len(d["y_test"]), img_size=d["img_size"]) for d in datasets}
+    """What a run read: per dataset its root, pixel fingerprint, split sizes and resolution. Keyed by
+    the dataset's name, or by name:root where two share a name (two ImageFolder trees: transfer)."""
+    names = [d["name"] for d in datasets]
+    return {d["name"] if names.count(d["name"]) == 1 else f"{d['name']}:{d['root']}":
+            dict(root=d["root"], fingerprint=d["fingerprint"], train=len(d["y_train"]), test=len(d["y_test"]),
+                 img_size=d["img_size"]) for d in datasets}
 
 
 def provenance_segment(device, start):
@@ -380,6 +382,7 @@ def vgg(cfg, norm):
 
 def torchvision_resnet(arch, norm):
     """torchvision ResNet with the CIFAR stem (App. E.1): 3x3 stride-1 conv1, no maxpool, no fc."""
+    import torchvision   # here, not at the top: the method (VGG, CIFAR ResNets, ViTs, head, loss) runs without it
     net = getattr(torchvision.models, arch)(norm_layer=norm_layer(norm))
     net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
@@ -652,8 +655,10 @@ def make_model(arch, out_dim=65536, bottleneck="paper", norm=None, img_size=32, 
 def locality_init(teacher, fresh, alpha):
     """Student init of §4: theta_S = ((1-a) theta_T + a theta_R) / sqrt((1-a)^2 + a^2), on every
     parameter; buffers (BN running stats) stay those of the fresh init. Modifies `fresh`.
-    In float32, alpha=1e-10 is alpha=0: the student starts as a bit-exact copy of the teacher
-    (it escapes through floating-point residue amplified by Adam)."""
+    In float32, alpha=1e-10 is alpha=0 up to rounding, not a bit-exact copy: dividing by delta (1 - 1e-10,
+    i.e. 1.0 in float32) leaves most weights equal to the teacher's, but e.g. VGG11 with the paper's head
+    has 48,991 of its 31.8M parameters off by up to 1.8e-11 (ResNet20: 33,809, up to 5.8e-11). The
+    student escapes from such float residue, amplified by Adam."""
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"--alpha must lie in [0, 1], got {alpha}")
     delta = math.sqrt((1 - alpha) ** 2 + alpha ** 2)   # keeps the init's variance for any alpha
@@ -699,6 +704,7 @@ def _missing(name, root, why=""):
 
 def _torchvision_split(name, root, train):
     """CIFAR-10/100 and STL-10 through torchvision, downloaded when missing and online."""
+    import torchvision
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
            "stl10": torchvision.datasets.STL10}[name]
     kw = dict(train=train) if name != "stl10" else dict(split="train" if train else "test")
@@ -823,7 +829,8 @@ def _tinyimagenet_split(root, train):
     base = os.path.join(root, "tiny-imagenet-200")
     if not os.path.isdir(base):
         try:
-            torchvision.datasets.utils.download_and_extract_archive(
+            from torchvision.datasets.utils import download_and_extract_archive
+            download_and_extract_archive(
                 "http://cs231n.stanford.edu/tiny-imagenet-200.zip", root)
         except Exception as e:
             raise _missing("tinyimagenet", root, f" and the download failed ({type(e).__name__})") from None
@@ -1228,6 +1235,8 @@ def distillation_loss(student_logits, teacher_logits):
     s, t = student_logits.float(), teacher_logits.float()
     with torch.autocast(s.device.type, enabled=False):
         p_t = t.softmax(-1)
+        # the loss: ce = -(p_t * s.log_softmax(-1)).sum(-1), per image (App. A's pseudo-code, line 23);
+        # SoftTargetCrossEntropy computes exactly that, with a backward that allocates no [B, m] tensor
         ce = SoftTargetCrossEntropy.apply(s, p_t)
         with torch.no_grad():
             entropy = t.logsumexp(-1) - _rowdot(p_t, t)

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="vgg11", help=f"encoder, one of: {', '.join(ARCHS)}")
     p.add_argument("--alpha", type=float, default=1e-10,
                    help="locality of the student init (§4): 0 = the teacher's weights, 1 = an independent "
-                        "init. The paper uses 1e-10, which float32 rounds to 0")
+                        "init. The paper uses 1e-10: in float32 the teacher's weights but for rounding (locality_init)")
     p.add_argument("--dataset", default="cifar10",
                    help=f"distillation data, one of: {', '.join([*DATASETS, NOISE])} "
                         f"('{NOISE}': N(0,1) noise shaped like --probe-dataset, Fig. 4)")
@@ -59,6 +59,12 @@ def parse_args(argv=None):
                    help="labelled data for probing (default: --dataset, or cifar10 for gaussian); "
                         "resized to the distillation resolution (transfer, Tables 2/4)")
     p.add_argument("--data-root", default="data", help="where datasets live / are downloaded to")
+    p.add_argument("--probe-data-root", default=None,
+                   help="where --probe-dataset lives, when not under --data-root (e.g. the probe half of a "
+                        "--split-classes tree: transfer to unseen classes)")
+    p.add_argument("--split-classes", nargs=2, metavar=("N", "DEST"), default=None,
+                   help="only cut the ImageFolder tree at --data-root by class and exit: DEST/distill gets "
+                        "the first N classes, DEST/probe the others (a transfer task within one dataset)")
     p.add_argument("--epochs", type=at_least(1), default=100, help="paper: 100 (its curves run to 150)")
     p.add_argument("--steps", type=at_least(1), default=None,
                    help="train for this many optimizer steps instead of --epochs (a budget that holds "
@@ -109,6 +115,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.plot:
         return args
+    if args.split_classes is not None and not args.split_classes[0].isdigit():
+        p.error(f"--split-classes takes N DEST, N a number of classes; got {args.split_classes[0]!r}")
     if args.probe_samples is not None and len(args.probe_samples) > 2:
         p.error("--probe-samples takes N_TRAIN [N_TEST]")
     if not 0.0 <= args.alpha <= 1.0:
@@ -134,9 +142,42 @@ def probe_dataset(args):
     return args.get("probe_dataset") or (args["dataset"] if args["dataset"] != NOISE else "cifar10")
 
 
+def split_classes(root, n_first, dest):
+    """Two ImageFolder trees cut from the one at `root` by class (App. B's transfer, Tables 2/4, within
+    one dataset): dest/distill holds the first `n_first` classes (sorted, as ImageFolder labels them)
+    of train/ and test/, dest/probe the others. A class folder is a symlink to the original: nothing
+    is copied, and each tree's decoded cache is its own (its file list differs from the full tree's)."""
+    from torchvision.datasets.folder import find_classes
+    try:
+        classes, _ = find_classes(os.path.join(root, "train"))
+        if find_classes(os.path.join(root, "test"))[0] != classes:
+            raise UserError(f"--data-root {root}: train/ and test/ have different class folders")
+    except FileNotFoundError:
+        raise UserError(f"--data-root {root} is no ImageFolder tree (ROOT/train/<class>, ROOT/test/<class>)") from None
+    if not 0 < n_first < len(classes):
+        raise UserError(f"--split-classes {n_first}: the tree has {len(classes)} classes; N must leave both halves one")
+    halves = dict(distill=classes[:n_first], probe=classes[n_first:])
+    for half, names in halves.items():
+        for split in ("train", "test"):
+            os.makedirs(os.path.join(dest, half, split), exist_ok=True)
+            for c in names:
+                link, target = os.path.join(dest, half, split, c), os.path.realpath(os.path.join(root, split, c))
+                if os.path.lexists(link) and os.path.realpath(link) != target:
+                    raise UserError(f"--split-classes: {link} exists and is not a link to {target}; pick another DEST")
+                if not os.path.lexists(link):
+                    os.symlink(target, link)
+        stray = set(os.listdir(os.path.join(dest, half, "train"))) - set(names)
+        if stray:
+            raise UserError(f"--split-classes: {dest}/{half}/train has other class folders "
+                            f"({', '.join(sorted(stray))}); pick another DEST")
+    for half, names in halves.items():
+        print(f"{dest}/{half}: {len(names)} classes ({', '.join(names)})")
+    return halves
+
+
 # A rerun may change these and still resume; any other difference means another experiment.
-RESUMABLE = {"epochs", "steps", "device", "probe_every", "probe_steps", "out", "data_root", "compile",
-             "channels_last", "recompute_teacher", "plot"}
+RESUMABLE = {"epochs", "steps", "device", "probe_every", "probe_steps", "out", "data_root", "probe_data_root",
+             "compile", "channels_last", "recompute_teacher", "plot"}
 
 
 # ============ the teacher-student loss (§3, §4) ============
@@ -279,56 +320,147 @@ def step_batches(n, batch_size, seed, first, last, device):
     return batches
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.plot:
-        return plot_sweeps(args.plot, args.out or "runs")
-    device = setup_device(args.device, args.precision, CPU_AUTO_PRECISION)
-    rank, world_size = world()   # (0, 1) unless launched by torchrun
-    master = rank == 0           # the one process that writes (nanoGPT's master_process)
+def distillation_data(args, device):
+    """The distillation inputs (a balanced subset, or Gaussian noise for Fig. 4) and the probe data
+    (its fixed probe subsets), resident on the device; and the record of what was read."""
+    probe_name, probe_root = probe_dataset(vars(args)), args.probe_data_root or args.data_root
+    distill_data = None   # whose normalization the distillation inputs get
+    if args.dataset != NOISE and (args.dataset, args.data_root) != (probe_name, probe_root):
+        distill_data = load_dataset(args.dataset, args.data_root, device)   # transfer (Tables 2/4)
+    # the probe images at the distillation resolution (transfer: resized)
+    probe_data = load_dataset(probe_name, probe_root, device, img_size=distill_data and distill_data["img_size"])
+    data_read = data_record(*[d for d in (distill_data, probe_data) if d is not None])
+    distill_data = distill_data or probe_data
+    g = torch.Generator().manual_seed(args.seed)
+    if args.dataset == NOISE:
+        x_distill = gaussian_inputs(args.n_samples or len(probe_data["x_train"]), probe_data["img_size"], g).to(device)
+    else:
+        x_distill = distill_data["x_train"]
+        if args.n_samples:
+            x_distill = x_distill[balanced_subset(distill_data["y_train"], args.n_samples, g)]
+    n_train, n_test = (args.probe_samples or [None])[0], (args.probe_samples or [None])[-1]   # N_TRAIN [N_TEST]
+    x_train, y_train = probe_subset(probe_data["x_train"], probe_data["y_train"], n_train, args.seed)
+    x_test, y_test = probe_subset(probe_data["x_test"], probe_data["y_test"], n_test, args.seed)
+    probe_data = dict(probe_data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return x_distill, distill_data, probe_data, data_read
 
-    # ============ run directory: one experiment, resumed from its last checkpoint ============
-    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
+
+def open_run(args, device, master, world_size):
+    """The run directory: one experiment (its args.json checked against these arguments), and the
+    checkpoint it resumes from, or None."""
     if master:   # the defaults: what a run that predates a flag ran with
         open_run_dir(args.out, vars(args), RESUMABLE, "distill.py", defaults=vars(parse_args([])),
                      state_files=["last.pt"], write=False)   # args.json once the data and model are checked
     if world_size > 1:
         dist.barrier()
+    last_path = os.path.join(args.out, "last.pt")
     ckpt = load_checkpoint(last_path) if os.path.exists(last_path) else None
     if ckpt is not None:   # a resumed run keeps the numerics it started with, whatever `auto` means now
         set_precision(resume_precision(args.out, args.precision, device, CPU_AUTO_PRECISION), device)
+    return ckpt
 
-    # ============ data, resident on the device ============
-    probe_name = probe_dataset(vars(args))
-    distill_data = None   # whose normalization the distillation inputs get
-    if args.dataset not in (NOISE, probe_name):   # distill on one dataset, probe on another (Tables 2/4)
-        distill_data = load_dataset(args.dataset, args.data_root, device)
-    # the probe images at the distillation resolution (transfer: resized)
-    probe_data = load_dataset(probe_name, args.data_root, device, img_size=distill_data and distill_data["img_size"])
-    distill_data = distill_data or probe_data
-    data_read = data_record(*{d["name"]: d for d in (distill_data, probe_data)}.values())
-    img_size = probe_data["img_size"]
-    if args.dataset == NOISE:
-        g = torch.Generator().manual_seed(args.seed)
-        x_distill = gaussian_inputs(args.n_samples or len(probe_data["x_train"]), img_size, g).to(device)
+
+def resume(ckpt, config, data_read, student, teacher, optimizer, steps_per_epoch, out, master):
+    """Load a checkpoint's networks and optimizer; returns (step, best raw linear probe, the metrics rows
+    up to it, its provenance segments): (0, -1, [], []) for a fresh run (ckpt None)."""
+    if ckpt is None:
+        return 0, -1.0, [], []
+    last_path, metrics_path = os.path.join(out, "last.pt"), os.path.join(out, "metrics.jsonl")
+    if ckpt["config"] != config:
+        raise UserError(f"{last_path} is a {ckpt['config']}, this run builds {config}")
+    check_same_data(ckpt.get("data"), data_read, last_path)   # same arguments, other (or edited) data
+    student.load_state_dict(ckpt["student"])
+    teacher.load_state_dict(ckpt["teacher"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    step, best = ckpt.get("step", ckpt["epoch"] * steps_per_epoch), ckpt["best"]
+    if "metrics" in ckpt:   # the rows up to the checkpoint travel with it
+        metrics = ckpt["metrics"]
+    elif os.path.exists(metrics_path):   # a checkpoint older than that: rows past it are a killed tail
+        metrics = [m for m in read_jsonl(metrics_path) if m.get("step", math.inf) <= step]
     else:
-        x_distill = distill_data["x_train"]
-        if args.n_samples:
-            g = torch.Generator().manual_seed(args.seed)
-            x_distill = x_distill[balanced_subset(distill_data["y_train"], args.n_samples, g)]
-    n_train, n_test = (args.probe_samples or [None])[0], (args.probe_samples or [None])[-1]   # N_TRAIN [N_TEST]
-    x_probe_train, y_probe_train = probe_subset(probe_data["x_train"], probe_data["y_train"], n_train, args.seed)
-    x_probe_test, y_probe_test = probe_subset(probe_data["x_test"], probe_data["y_test"], n_test, args.seed)
-    probe_data = dict(probe_data, x_train=x_probe_train, y_train=y_probe_train,
-                      x_test=x_probe_test, y_test=y_probe_test)
-    x_diagnose = x_probe_test[:512]   # fixed images for representation_stats
+        raise UserError(f"{last_path} exists but {metrics_path} does not; restore it or pick another --out")
+    if master:
+        print(f"resuming {out} from step {step}")
+    return step, best, metrics, ckpt.get("provenance", [])
+
+
+def metrics_row(step, train_stats, student, theta0, probes, args, steps_per_epoch):
+    """One probe point: the training statistics, the distance from init (App. D), and the student's
+    and teacher's probes and collapse diagnostics on the fixed probe data (`probes`, built in main)."""
+    epoch = step // steps_per_epoch if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 4)
+    row = dict(step=step, epoch=epoch, **train_stats, dist_from_init=(flat_params(student) - theta0).norm().item())
+    data = probes["data"]
+    student_probe = probe(embed(student.encoder, data), data, args.knn_k, args.seed + step)
+    # the teacher is re-probed with each point's seed: its curve shows the linear probe's own noise (Fig. 1)
+    teacher_probe = probe(probes["teacher_features"], data, args.knn_k, args.seed + step)
+    row.update({f"student_{k}": v for k, v in student_probe.items()})
+    row.update({f"teacher_{k}": v for k, v in teacher_probe.items()})
+    row.update({f"student_{k}": v for k, v in representation_stats(student, probes["x_diagnose"], data).items()})
+    row.update({f"teacher_{k}": v for k, v in probes["teacher_stats"].items()})
+    return row
+
+
+@torch.no_grad()
+def initial_losses(student, teacher, x_distill, distill_data, device):
+    """The untrained student's loss on the first 2048 distillation images (step 0 of Fig. 17)."""
+    student.eval()
+    with autocast(device):
+        x0 = normalize(x_distill[:2048], distill_data)
+        ce, kl, entropy = (v.item() for v in distillation_loss(student(x0), teacher(x0)))
+    return dict(ce=ce, kl=kl, teacher_entropy=entropy)
+
+
+def input_probe(probe_data, args):
+    """Table 1's input baseline: the probes of the flattened images, once per run."""
+    flatten = make_encoder("flatten", img_size=probe_data["img_size"])
+    return {f"input_{k}": v for k, v in probe(embed(flatten, probe_data), probe_data, args.knn_k, args.seed).items()}
+
+
+def save_point(args, row, state, optimizer, metrics, segments, data_read, best):
+    """The checkpoint first, then the row: metrics.jsonl never runs ahead of last.pt. Returns the best
+    raw linear probe so far: its checkpoint is best.pt (the authors' selection)."""
+    improved, best = row["student_linear"] > best, max(best, row["student_linear"])
+    state = dict(state, best=best)
+    atomic_save(dict(state, optimizer=optimizer.state_dict(), metrics=metrics, provenance=segments),
+                os.path.join(args.out, "last.pt"))   # the resume point
+    if improved:
+        atomic_save(state, os.path.join(args.out, "best.pt"))
+    append_jsonl(os.path.join(args.out, "metrics.jsonl"), row)
+    write_provenance(args.out, "distill.py", data_read, segments)
+    plot_curves(metrics, os.path.join(args.out, "fig1.png"), args)
+    tqdm.write(f"step {row['step']:6d} | ce {row['ce']:.6f} kl {row['kl']:.3e} dist {row['dist_from_init']:.3f} "
+               f"| linear student {row['student_linear']:.2%} teacher {row['teacher_linear']:.2%} "
+               f"| k-NN student {row['student_knn']:.2%} teacher {row['teacher_knn']:.2%} "
+               f"| embed {row['student_embed_norm']:.3g} full-lr {row.get('full_lr_frac', 0):.3f}")
+    return best
+
+
+def summary_line(args, metrics, seconds):
+    first, final = metrics[0], metrics[-1]
+    return (f"{args.arch} alpha={args.alpha:g} on {args.dataset}, step {final['step']}: linear probe "
+            f"student {final['student_linear']:.2%} / teacher {final['teacher_linear']:.2%} / "
+            f"input {first['input_linear']:.2%}; k-NN student {final['student_knn']:.2%} / "
+            f"teacher {final['teacher_knn']:.2%} / input {first['input_knn']:.2%} ({seconds:.0f} s) -> {args.out}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot:
+        return plot_sweeps(args.plot, args.out or "runs")
+    if args.split_classes:
+        return split_classes(args.data_root, int(args.split_classes[0]), args.split_classes[1])
+    device = setup_device(args.device, args.precision, CPU_AUTO_PRECISION)
+    rank, world_size = world()   # (0, 1) unless launched by torchrun
+    master = rank == 0           # the one process that writes (nanoGPT's master_process)
+
+    ckpt = open_run(args, device, master, world_size)   # the run directory and its last checkpoint, if any
+    x_distill, distill_data, probe_data, data_read = distillation_data(args, device)
     steps_per_epoch = math.ceil(len(x_distill) / args.batch_size)   # the last partial batch is kept
     total = args.steps or args.epochs * steps_per_epoch
 
     # ============ teacher and student (§4) ============
     config = dict(arch=args.arch, out_dim=args.out_dim, bottleneck=args.bottleneck,
-                  norm=args.norm, img_size=img_size)
+                  norm=args.norm, img_size=probe_data["img_size"])
     if args.teacher_ckpt:   # App. D.1: a trained student (weights and buffers) is the new teacher
         teacher_ckpt = load_checkpoint(args.teacher_ckpt)
         if teacher_ckpt["config"] != config:
@@ -349,6 +481,8 @@ def main(argv=None):
     theta0 = flat_params(student)                     # theta_S(0), for the distance from init (App. D)
 
     # ============ optimizer: AdamW, constant lr, no weight decay (App. E.4) ============
+    # torch's AdamW decays every parameter by 0.01 unless told: the paper applies none (--weight-decay 0);
+    # the authors' runs kept that 0.01 on biases and norm parameters only (--bias-decay 0.01)
     decay = [p for p in student.parameters() if p.dim() >= 2]
     no_decay = [p for p in student.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
@@ -356,29 +490,13 @@ def main(argv=None):
                                   lr=args.lr, eps=args.adam_eps, fused=True)   # one kernel, CPU too
 
     # ============ resume ============
-    step, best, metrics, segments = 0, -1.0, [], []
-    if ckpt is not None:
-        if ckpt["config"] != config:
-            raise UserError(f"{last_path} is a {ckpt['config']}, this run builds {config}")
-        check_same_data(ckpt.get("data"), data_read, last_path)   # same arguments, other (or edited) data
-        student.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best = ckpt.get("step", ckpt["epoch"] * steps_per_epoch), ckpt["best"]
-        segments = ckpt.get("provenance", [])
-        if "metrics" in ckpt:   # the rows up to the checkpoint travel with it
-            metrics = ckpt["metrics"]
-        elif os.path.exists(metrics_path):   # a checkpoint older than that: rows past it are a killed tail
-            metrics = [m for m in read_jsonl(metrics_path) if m.get("step", math.inf) <= step]
-        else:
-            raise UserError(f"{last_path} exists but {metrics_path} does not; restore it or pick another --out")
-        if master:
-            print(f"resuming {args.out} from step {step}")
+    step, best, metrics, segments = resume(ckpt, config, data_read, student, teacher, optimizer, steps_per_epoch,
+                                           args.out, master)
     segments = [*segments, provenance_segment(device, f"step {step}")]
     if world_size > 1:
         dist.barrier()   # every rank has read the metrics before the master rewrites them
     if master:
-        write_jsonl(metrics_path, metrics)
+        write_jsonl(os.path.join(args.out, "metrics.jsonl"), metrics)
 
     # ============ the loss, on the batches of the data-parallel model ============
     train_model = student
@@ -391,24 +509,10 @@ def main(argv=None):
     loss_fn = make_loss(train_model, teacher, x_distill, distill_data, cache=not args.recompute_teacher,
                         compile_batches=batch_sizes if args.compile != "none" else ())
 
-    # ============ probes: teacher once, input once, student at every point (§3) ============
-    teacher_features = embed(teacher.encoder, probe_data)   # the teacher never changes: embed once
-    teacher_stats = representation_stats(teacher, x_diagnose, probe_data)
-
-    def metrics_row(step, train_stats):
-        row = dict(step=step, epoch=step // steps_per_epoch if step % steps_per_epoch == 0
-                   else round(step / steps_per_epoch, 4), **train_stats,
-                   dist_from_init=(flat_params(student) - theta0).norm().item())
-        student_probe = probe(embed(student.encoder, probe_data), probe_data, args.knn_k, args.seed + step)
-        # the teacher is re-probed with each point's seed: its curve shows the linear probe's own noise (Fig. 1)
-        teacher_probe = probe(teacher_features, probe_data, args.knn_k, args.seed + step)
-        row.update({f"student_{k}": v for k, v in student_probe.items()})
-        row.update({f"teacher_{k}": v for k, v in teacher_probe.items()})
-        row.update({f"student_{k}": v for k, v in representation_stats(student, x_diagnose, probe_data).items()})
-        row.update({f"teacher_{k}": v for k, v in teacher_stats.items()})
-        return row
-
-    # ============ distillation, probing at each point ============
+    # ============ distillation, probing the teacher (embedded once) and the student at each point (§3) ============
+    x_diagnose = probe_data["x_test"][:512]   # fixed images for representation_stats
+    probes = dict(data=probe_data, x_diagnose=x_diagnose, teacher_features=embed(teacher.encoder, probe_data),
+                  teacher_stats=representation_stats(teacher, x_diagnose, probe_data))
     t0 = time.time()
     if master:
         write_args(args.out, "distill.py", vars(args))
@@ -417,56 +521,33 @@ def main(argv=None):
     points = probe_points(step, total, steps_per_epoch=steps_per_epoch, probe_every=args.probe_every,
                           probe_steps=args.probe_steps)
     for stop in ([0] if ckpt is None else []) + points:
-        if stop == 0:   # the untrained student, its loss on the first 2048 distillation images
-            student.eval()
-            with torch.no_grad(), autocast(device):
-                x0 = normalize(x_distill[:2048], distill_data)
-                ce, kl, entropy = (v.item() for v in distillation_loss(student(x0), teacher(x0)))
-            row = metrics_row(0, dict(ce=ce, kl=kl, teacher_entropy=entropy))
-            input_probe = probe(embed(make_encoder("flatten", img_size=img_size), probe_data), probe_data,
-                                args.knn_k, args.seed)
-            row.update({f"input_{k}": v for k, v in input_probe.items()})   # Table 1's input baseline, once
-            row["n_distill"] = len(x_distill)                                # the dataset size of Fig. 4
+        if stop == 0:   # the untrained student, and the input baseline once
+            train_stats = initial_losses(student, teacher, x_distill, distill_data, device)
+            row = dict(metrics_row(0, train_stats, student, theta0, probes, args, steps_per_epoch),
+                       **input_probe(probe_data, args), n_distill=len(x_distill))   # n: Fig. 4's dataset size
         else:
             batches = step_batches(len(x_distill), args.batch_size, seed=args.seed, first=step, last=stop,
                                    device=device)
             try:
                 train_stats = train_steps(student, optimizer, loss_fn, batches, progress=bar)
             except NonFiniteLoss as e:
-                raise UserError(f"{e}; {last_path} (step {step}) is kept") from None
+                raise UserError(f"{e}; {args.out}/last.pt (step {step}) is kept") from None
             step = stop
             train_stats["ce"] = train_stats.pop("loss")
-            row = metrics_row(step, {**train_stats, **adam_update_stats(optimizer)})
+            row = metrics_row(step, {**train_stats, **adam_update_stats(optimizer)}, student, theta0, probes,
+                              args, steps_per_epoch)
         metrics.append(row)
-        if master:   # the checkpoint first, then the row: metrics.jsonl never runs ahead of last.pt
-            improved, best = row["student_linear"] > best, max(best, row["student_linear"])
+        if master:
             segments[-1]["seconds"] = round(time.time() - t0, 1)
-            state = dict(config=config, args=vars(args), data=data_read, step=step, epoch=row["epoch"], best=best,
+            state = dict(config=config, args=vars(args), data=data_read, step=step, epoch=row["epoch"],
                          student=student.state_dict(), teacher=teacher.state_dict())
-            atomic_save(dict(state, optimizer=optimizer.state_dict(), metrics=metrics, provenance=segments),
-                        last_path)   # the resume point
-            if improved:   # the authors' selection: the best raw linear probe
-                atomic_save(state, best_path)
-            append_jsonl(metrics_path, row)
-            write_provenance(args.out, "distill.py", data_read, segments)
-            plot_curves(metrics, os.path.join(args.out, "fig1.png"), args)
-            tqdm.write(f"step {step:6d} | ce {row['ce']:.6f} kl {row['kl']:.3e} dist {row['dist_from_init']:.3f} "
-                       f"| linear student {row['student_linear']:.2%} teacher {row['teacher_linear']:.2%} "
-                       f"| k-NN student {row['student_knn']:.2%} teacher {row['teacher_knn']:.2%} "
-                       f"| embed {row['student_embed_norm']:.3g} full-lr {row.get('full_lr_frac', 0):.3f}")
+            best = save_point(args, row, state, optimizer, metrics, segments, data_read, best)
     bar.close()
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-
-    # ============ summary ============
-    final = metrics[-1]
     if master:
-        print(f"{args.arch} alpha={args.alpha:g} on {args.dataset}, step {final['step']}: linear probe "
-              f"student {final['student_linear']:.2%} / teacher {final['teacher_linear']:.2%} / "
-              f"input {metrics[0]['input_linear']:.2%}; k-NN student {final['student_knn']:.2%} / "
-              f"teacher {final['teacher_knn']:.2%} / input {metrics[0]['input_knn']:.2%} "
-              f"({time.time() - t0:.0f} s) -> {args.out}")
+        print(summary_line(args, metrics, time.time() - t0))
         release_run_dir(args.out)
     return metrics
 

@@ -85,6 +85,12 @@ def density(masks):
 RESUMABLE = {"device", "out", "plot", "rounds"}   # more rounds extend the same IMP run
 
 
+def train_epoch(model, optimizer, data, epoch, masks, bar, args):
+    """One epoch of the App. E.5 schedule, masks re-applied after every step; returns the test accuracy."""
+    return supervised_epoch(model, optimizer, data, epoch, args.lr, args.milestones, args.batch_size,
+                            args.seed, bar, after_step=lambda: apply_masks(model, masks))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:   # save_figure creates --out
@@ -106,11 +112,6 @@ def main(argv=None):
     optimizer = sgd(model, args.weight_decay)
     steps_per_epoch = -(-len(data["y_train"]) // args.batch_size)
 
-    def train(epoch, masks, bar):
-        """One epoch of the App. E.5 schedule, masks re-applied after every step; test accuracy."""
-        return supervised_epoch(model, optimizer, data, epoch, args.lr, args.milestones, args.batch_size,
-                                args.seed, bar, after_step=lambda: apply_masks(model, masks))
-
     # ------------------------------------------------------------------ IMP with rewinding (Fig. 6)
     params = dict(model.named_parameters())
     total = sum(params[nm].numel() for nm in prunable(model, args.prune_all))
@@ -119,7 +120,7 @@ def main(argv=None):
         if args.rewind_epochs:   # θ(ℓ): ℓ epochs of dense supervised training
             with tqdm(total=args.rewind_epochs * steps_per_epoch, desc="rewind point", dynamic_ncols=True) as bar:
                 for epoch in range(1, args.rewind_epochs + 1):
-                    train(epoch, masks, bar)
+                    train_epoch(model, optimizer, data, epoch, masks, bar, args)
         state = dict(args=vars(args), round=0, epoch=args.rewind_epochs, accs=[], masks=masks, rows=[],
                      rewind={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                      model=None, optimizer=None)
@@ -149,7 +150,7 @@ def main(argv=None):
     for rnd in range(state["round"], args.rounds + 1):
         bar.set_description(f"round {rnd}, {density(masks):.1%} weights")
         for epoch in range(state["epoch"] + 1, args.epochs + 1):
-            state["accs"].append(train(epoch, masks, bar))
+            state["accs"].append(train_epoch(model, optimizer, data, epoch, masks, bar, args))
             state.update(epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict())
             atomic_save(state, state_path)   # resume point: this round, this epoch
         row = dict(round=rnd, density=density(masks), final_acc=state["accs"][-1], best_acc=max(state["accs"]),

@@ -81,6 +81,36 @@ def default_out(args):
     return os.path.join("runs", name)
 
 
+def probe(encoder, data, args, device):
+    """Features once per (model, split), then every probe on them (§3; App. C.1): the linear probe
+    once per seed (--repeats) on raw and/or standardized features, the k-NN probe once."""
+    encoder.to(device)
+    f_tr, f_te = (extract_features(encoder, data[f"x_{s}"], data, device=device) for s in ("train", "test"))
+    result = {}
+    for std in {"raw": [False], "standardized": [True], "both": [False, True]}[args.features]:
+        result["linear_std" if std else "linear"] = [
+            linear_probe(f_tr, data["y_train"], f_te, data["y_test"], data["num_classes"], epochs=args.probe_epochs,
+                         batch_size=args.batch_size, seed=args.seed + i, standardize=std) for i in range(args.repeats)]
+    result["knn"] = [knn_probe(f_tr, data["y_train"], f_te, data["y_test"], args.knn_k,
+                               args.knn_metric, data["num_classes"])]
+    encoder.cpu()
+    return result
+
+
+def probe_data(datasets, read, name, img_size, args, device):
+    """Dataset `name` at `img_size` (None: its own resolution) with its probe subsets, loaded once:
+    `datasets` caches it per resolution, `read` lists what was read (provenance)."""
+    if img_size not in datasets:
+        data = load_dataset(name, args.data_root, device, img_size=img_size)
+        n_train, n_test = (args.probe_samples or [None])[0], (args.probe_samples or [None])[-1]
+        for split, cap in (("train", n_train), ("test", n_test)):
+            data[f"x_{split}"], data[f"y_{split}"] = probe_subset(data[f"x_{split}"], data[f"y_{split}"], cap,
+                                                                  args.seed)
+        datasets[img_size] = data
+        read.append(data)
+    return datasets[img_size]
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = setup_device(args.device, args.precision)
@@ -97,52 +127,23 @@ def main(argv=None):
         models.append((path, c["arch"], c["img_size"],
                        {s: model_from_checkpoint(ckpt, s, file).encoder for s in ("teacher", "student")}))
 
-    seeds = [args.seed + i for i in range(args.repeats)]
-    linear_modes = {"raw": [False], "standardized": [True], "both": [False, True]}[args.features]
-
-    def probe(encoder, data):
-        """Features once per (model, split), then every probe on them (§3; App. C.1)."""
-        encoder.to(device)
-        f_tr, f_te = (extract_features(encoder, data[f"x_{s}"], data, device=device) for s in ("train", "test"))
-        result = {}
-        for std in linear_modes:
-            accs = [linear_probe(f_tr, data["y_train"], f_te, data["y_test"], data["num_classes"],
-                                 epochs=args.probe_epochs, batch_size=args.batch_size, seed=s,
-                                 standardize=std) for s in seeds]
-            result["linear_std" if std else "linear"] = accs
-        result["knn"] = [knn_probe(f_tr, data["y_train"], f_te, data["y_test"], args.knn_k,
-                                   args.knn_metric, data["num_classes"])]
-        encoder.cpu()
-        return result
-
     rows, read, t0 = [], [], time.time()
     for name in args.dataset:   # rows: dataset x model, as in Tables 1-4
-        datasets, inputs = {}, {}   # this dataset at each checkpoint's resolution
-
-        def probe_data(img_size):   # None: the dataset's own resolution
-            if img_size not in datasets:
-                data = load_dataset(name, args.data_root, device, img_size=img_size)
-                n_train, n_test = (args.probe_samples or [None])[0], (args.probe_samples or [None])[-1]
-                for split, cap in (("train", n_train), ("test", n_test)):
-                    data[f"x_{split}"], data[f"y_{split}"] = probe_subset(data[f"x_{split}"], data[f"y_{split}"],
-                                                                          cap, args.seed)
-                datasets[img_size] = data
-                read.append(data)
-            return datasets[img_size]
-
+        datasets, inputs = {}, {}   # this dataset at each checkpoint's resolution (None: its own)
         todo = list(models)
         if args.random:   # the encoder is drawn first, so this is distill.py's teacher for that seed
-            img_size = probe_data(None)["img_size"]
+            img_size = probe_data(datasets, read, name, None, args, device)["img_size"]
             g = torch.Generator().manual_seed(args.init_seed)
             encoder = make_encoder(args.arch, generator=g, img_size=img_size)
             todo.append((f"random (seed {args.init_seed})", args.arch, img_size, {"teacher": encoder}))
         for source, arch, img_size, encoders in todo:
-            data = probe_data(img_size)
+            data = probe_data(datasets, read, name, img_size, args, device)
             if img_size not in inputs:   # the flattened-input baseline, once per resolution
-                inputs[img_size] = probe(make_encoder("flatten", img_size=img_size), data)
+                inputs[img_size] = probe(make_encoder("flatten", img_size=img_size), data, args, device)
             rows.append(dict(source=source, arch=arch, dataset=name, img_size=img_size,
                              embed_dim=encoders["teacher"].embed_dim, input_dim=3 * img_size ** 2,
-                             **{s: probe(e, data) for s, e in encoders.items()}, input=inputs[img_size]))
+                             **{s: probe(e, data, args, device) for s, e in encoders.items()},
+                             input=inputs[img_size]))
             print(f"probed {source} on {name}")
 
     # ------------------------------------------------------------------ Tables 1-4

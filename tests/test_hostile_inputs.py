@@ -236,6 +236,47 @@ def test_partly_extracted_tiny_imagenet_is_named(tmp_path):
         common.load_dataset("tinyimagenet", str(tmp_path), "cpu")
 
 
+# ------------------------------------------------------------------ transfer to unseen classes
+
+def test_split_classes_cuts_two_trees_and_a_run_distills_on_one_and_probes_on_the_other(tmp_path):
+    image_tree(tmp_path / "tree", classes=("ant", "bee", "cat", "dog"), size=32)
+    halves = distill.main(["--split-classes", "2", str(tmp_path / "split"), "--data-root", str(tmp_path / "tree")])
+    assert halves == {"distill": ["ant", "bee"], "probe": ["cat", "dog"]}
+    for half, names in halves.items():
+        for split in ("train", "test"):
+            assert sorted(os.listdir(tmp_path / "split" / half / split)) == names
+            assert all(os.path.islink(tmp_path / "split" / half / split / c) for c in names)   # nothing copied
+    # again: the same links, nothing to do; the labels of each half start at 0
+    assert distill.main(["--split-classes", "2", str(tmp_path / "split"), "--data-root", str(tmp_path / "tree")]) == halves
+    probe_half = common.load_dataset("imagefolder", str(tmp_path / "split" / "probe"), "cpu")
+    assert probe_half["y_train"].tolist() == [0, 0, 0, 1, 1, 1] and probe_half["num_classes"] == 2
+    full = common.load_dataset("imagefolder", str(tmp_path / "tree"), "cpu")
+    assert torch.equal(probe_half["x_train"], full["x_train"][6:])   # cat, dog: the same pixels
+    out = tmp_path / "run"
+    distill.main([*FAST, "--dataset", "imagefolder", "--data-root", str(tmp_path / "split" / "distill"),
+                  "--probe-data-root", str(tmp_path / "split" / "probe"), "--epochs", "1", "--out", str(out)])
+    data = json.loads((out / "provenance.json").read_text())["data"]
+    assert sorted(v["root"] for v in data.values()) == [str(tmp_path / "split" / h) for h in ("distill", "probe")]
+    assert len({v["fingerprint"] for v in data.values()}) == 2
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["n_distill"] == 6   # ant and bee only
+    # a resume reads the same two trees; distilling on the probe half instead is another experiment's data
+    distill.main([*FAST, "--dataset", "imagefolder", "--data-root", str(tmp_path / "split" / "distill"),
+                  "--probe-data-root", str(tmp_path / "split" / "probe"), "--epochs", "2", "--out", str(out)])
+    with pytest.raises(UserError, match="other data"):
+        distill.main([*FAST, "--dataset", "imagefolder", "--data-root", str(tmp_path / "split" / "probe"),
+                      "--probe-data-root", str(tmp_path / "split" / "probe"), "--epochs", "3", "--out", str(out)])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--split-classes", "4", "DEST"], "--split-classes 4: the tree has 4 classes"),
+    (["--split-classes", "two", "DEST"], "--split-classes takes N DEST"),
+])
+def test_a_split_that_leaves_a_half_empty_is_one_line(tmp_path, flags, message):
+    image_tree(tmp_path / "tree", classes=("ant", "bee", "cat", "dog"))
+    one_line_error(cli("distill.py", *flags, "--data-root", str(tmp_path / "tree")), message)
+
+
 # ------------------------------------------------------------------ image geometry against the model
 
 def test_distilling_a_64px_tree_probed_on_32px_data_trains_at_64px(tmp_path):
