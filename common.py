@@ -655,10 +655,10 @@ def make_model(arch, out_dim=65536, bottleneck="paper", norm=None, img_size=32, 
 def locality_init(teacher, fresh, alpha):
     """Student init of §4: theta_S = ((1-a) theta_T + a theta_R) / sqrt((1-a)^2 + a^2), on every
     parameter; buffers (BN running stats) stay those of the fresh init. Modifies `fresh`.
-    In float32, alpha=1e-10 is alpha=0 up to rounding, not a bit-exact copy: dividing by delta (1 - 1e-10,
-    i.e. 1.0 in float32) leaves most weights equal to the teacher's, but e.g. VGG11 with the paper's head
-    has 48,991 of its 31.8M parameters off by up to 1.8e-11 (ResNet20: 33,809, up to 5.8e-11). The
-    student escapes from such float residue, amplified by Adam."""
+    In float32, alpha=1e-10 is alpha=0 up to rounding, not a bit-exact copy: most weights come out equal
+    to the teacher's, but e.g. VGG11 with the paper's head has 48,991 of its 31.8M parameters off by up
+    to 1.8e-11 (ResNet20: 33,809, up to 5.8e-11). The student escapes from such float residue,
+    amplified by Adam."""
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"--alpha must lie in [0, 1], got {alpha}")
     delta = math.sqrt((1 - alpha) ** 2 + alpha ** 2)   # keeps the init's variance for any alpha
