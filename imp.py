@@ -20,8 +20,9 @@ import torch
 from tqdm import tqdm
 
 from common import (add_supervised_args, arg_parser, at_least, atomic_save, check_run_kind, check_same_data,
-                    check_supervised_args, data_record, open_run_dir, start_provenance, write_provenance, pyplot, read_jsonl, recipe_captions, release_run_dir, run_main, save_figure, setup_device, sgd,
-                    supervised_epoch, supervised_start, UserError, write_args, write_jsonl)
+                    check_supervised_args, data_record, open_run_dir, pyplot, read_jsonl, recipe_captions,
+                    release_run_dir, run_main, save_figure, setup_device, sgd, start_provenance, supervised_epoch,
+                    supervised_start, UserError, write_args, write_jsonl, write_provenance, write_text)
 
 
 def parse_args(argv=None):
@@ -94,7 +95,7 @@ def train_epoch(model, optimizer, data, epoch, masks, bar, args):
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:   # save_figure creates --out
-        return plot_fig8(args.plot, os.path.join(args.out, "fig8.png"))
+        return plot_fig8(args.plot, args.out)
     device = setup_device(args.device, args.precision)
     open_run_dir(args.out, vars(args), RESUMABLE, "imp.py", defaults=vars(parse_args([])), state_files=["state.pt"],
                  write=False)   # args.json once the state is known to fit the model
@@ -173,17 +174,20 @@ def main(argv=None):
         write_provenance(args.out, "imp.py", data_read, segments)
     bar.close()
     rows = state["rows"]
-    plot_fig8([args.out], os.path.join(args.out, "fig8.png"))
+    plot_fig8([args.out], args.out)
     release_run_dir(args.out)
     print(f"IMP {args.arch} init={args.init} rewind={args.rewind_epochs}: "
           + ", ".join(f"{r['density']:.1%}: {r['final_acc']:.2%}" for r in rows) + f" -> {args.out}")
     return rows
 
 
-def plot_fig8(run_dirs, path):
-    """Fig. 8: test accuracy vs weights remaining (log x), one curve per init / rewind point."""
+def plot_fig8(run_dirs, out):
+    """Fig. 8: test accuracy vs weights remaining (log x), one curve per init / rewind point, as
+    <out>/fig8.png and the same numbers as <out>/fig8.md. Each round reports the accuracy after its
+    last epoch (solid) and the best over its epochs (dashed): the authors select the best."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    runs = []
     for d in run_dirs:
         check_run_kind(d, "imp.py")
         rows = read_jsonl(os.path.join(d, "metrics.jsonl")) if os.path.exists(os.path.join(d, "metrics.jsonl")) else []
@@ -191,16 +195,33 @@ def plot_fig8(run_dirs, path):
             continue
         label = f"init θ*_S (student), ℓ={rows[0]['rewind_epochs']}" if rows[0]["init"] == "student" \
             else f"init θ_S (random), ℓ={rows[0]['rewind_epochs']}"
-        ax.plot([100 * r["density"] for r in rows], [100 * r["final_acc"] for r in rows], "o-", label=label)
+        runs.append((d, label, rows))
+        x = [100 * r["density"] for r in rows]
+        line, = ax.plot(x, [100 * r["final_acc"] for r in rows], "o-", label=f"{label}, last epoch")
+        ax.plot(x, [100 * r["best_acc"] for r in rows], "--", color=line.get_color(), alpha=0.6,
+                label=f"{label}, best epoch")
     ax.set_xscale("log")
     ax.invert_xaxis()
     captions = recipe_captions(run_dirs)
     ax.set(xlabel="weights remaining (%)", ylabel="test accuracy (%)",
            title="IMP with rewinding (Fig. 8)" + "".join(f"\n{c}" for c in captions))
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    return save_figure(fig, path)
+    ax.legend(fontsize="small")
+    path = save_figure(fig, os.path.join(out, "fig8.png"))
+    write_text(os.path.join(out, "fig8.md"), fig8_table(runs))
+    return path
 
+
+def fig8_table(runs):
+    """Test accuracy (%) per round as 'last epoch / best epoch', one row per run, one column per density."""
+    rounds = max((len(rows) for _, _, rows in runs), default=0)
+    dens = next((rows for _, _, rows in runs if len(rows) == rounds), [])
+    lines = ["| run | start | " + " | ".join(f"{100 * r['density']:.3g}%" for r in dens) + " |",
+             "|---|---|" + "---|" * len(dens)]
+    for d, label, rows in runs:
+        cells = [f"{100 * r['final_acc']:.1f} / {100 * r['best_acc']:.1f}" for r in rows] + ["-"] * (rounds - len(rows))
+        lines.append(f"| {os.path.normpath(d)} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     run_main(main)

@@ -98,6 +98,12 @@ def test_plot_combines_runs(tmp_path):
     run(tmp_path / "r", "--epochs", "1", "--rounds", "1")
     path = imp.main(["--plot", str(tmp_path / "r"), "--out", str(tmp_path)])
     assert (tmp_path / "fig8.png").stat().st_size > 10_000 and path.endswith("fig8.png")
+    # fig8.md: every round's accuracy after its last epoch and the best over its epochs (the authors' pick)
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    table = (tmp_path / "fig8.md").read_text().splitlines()
+    assert table[0] == "| run | start | 100% | 80% |" and len(table) == 3
+    assert table[2].split(" | ")[2:] == [f"{100 * r['final_acc']:.1f} / {100 * r['best_acc']:.1f}" for r in rows[:-1]] \
+        + [f"{100 * rows[-1]['final_acc']:.1f} / {100 * rows[-1]['best_acc']:.1f} |"]
     assert recipe_captions([tmp_path / "r"]) == ["resnet20, 1 epochs, all train / all test images"]   # the title's scale
     run(tmp_path / "s", "--epochs", "1", "--rounds", "0", "--n-samples", "200", "--test-samples", "100")
     assert recipe_captions([tmp_path / "s", tmp_path / "s"]) == ["resnet20, 1 epochs, 200 train / 100 test images"]
@@ -120,3 +126,10 @@ def test_shrunk_recipe_trains_on_a_balanced_subset_and_tests_on_one_fixed_subset
     args = imp.parse_args([*QUICK, "--test-samples", "55"])
     with pytest.raises(UserError, match="--test-samples 55"):
         imp.supervised_start(args, torch.device("cpu"), torch.Generator().manual_seed(0))
+
+
+def test_fig8_table_shows_last_and_best_epoch_and_pads_a_shorter_run():
+    rows = [dict(density=1.0, final_acc=0.5, best_acc=0.625), dict(density=0.8, final_acc=0.25, best_acc=0.5)]
+    table = imp.fig8_table([("runs/a", "student", rows), ("runs/b", "random", rows[:1])]).splitlines()
+    assert table == ["| run | start | 100% | 80% |", "|---|---|---|---|",
+                     "| runs/a | student | 50.0 / 62.5 | 25.0 / 50.0 |", "| runs/b | random | 50.0 / 62.5 | - |"]
