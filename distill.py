@@ -255,15 +255,13 @@ def probe(features, probe_data, knn_k, seed):
 def representation_stats(model, x, data):
     """What says whether a student collapsed (README, 'the authors' head'): the embedding norm,
     the spread across images (std over images, mean over dims) of the code z and of the logits,
-    and per ReLU layer the fraction of channels that fire on none of these images."""
-    fired, hooks = [], []
-    for m in model.encoder.modules():
-        if isinstance(m, nn.ReLU):
-            fired.append(None)
-            def hook(module, inputs, out, i=len(fired) - 1):
-                on = (out > 0).transpose(0, 1).flatten(1).any(1)
-                fired[i] = on if fired[i] is None else fired[i] | on
-            hooks.append(m.register_forward_hook(hook))
+    and per ReLU call the fraction of channels that fire on none of these images (per call, not per
+    module: torchvision's residual blocks apply one nn.ReLU to tensors of different widths)."""
+    fired = []   # one entry per ReLU call, in forward order; the encoder runs once below
+
+    def hook(module, inputs, out):
+        fired.append((out > 0).transpose(0, 1).flatten(1).any(1))
+    hooks = [m.register_forward_hook(hook) for m in model.encoder.modules() if isinstance(m, nn.ReLU)]
     was_training = model.training
     model.eval()
     with autocast(x.device):
@@ -275,7 +273,7 @@ def representation_stats(model, x, data):
         h.remove()
     return dict(embed_norm=features.norm(dim=1).mean().item(), code_std=z.std(0).mean().item(),
                 logit_std=logits.std(0).mean().item(),
-                dead_relu=[round(1 - f.float().mean().item(), 4) for f in fired if f is not None])
+                dead_relu=[round(1 - f.float().mean().item(), 4) for f in fired])
 
 
 @torch.no_grad()

@@ -117,6 +117,17 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)   # 2 epochs of fp32 reduction-order noise (weights ~0.02)
 
 
+@pytest.mark.parametrize("arch,calls", [("resnet50", 1 + 3 * 16), ("resnet18", 1 + 2 * 8), ("vgg11", 8)])
+def test_dead_relu_is_reported_per_relu_call(arch, calls):
+    # torchvision's blocks apply one nn.ReLU module several times (Bottleneck: to 64-, 64- and
+    # 256-wide tensors); the diagnostics count each call, as the run's metrics rows report them
+    model = make_model(arch, out_dim=16, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    stats = distill.representation_stats(model, x, None)   # float inputs are used as they are
+    assert len(stats["dead_relu"]) == calls and all(0 <= f <= 1 for f in stats["dead_relu"])
+    assert stats["code_std"] > 0 and stats["embed_norm"] > 0
+
+
 def test_restart_makes_the_trained_student_the_teacher(tmp_path):
     flags = ["--arch", "resnet20", "--out-dim", "256", "--epochs", "1"]
     run(tmp_path / "first", *flags)
