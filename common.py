@@ -1049,7 +1049,9 @@ def setup_device(device, precision="auto", cpu_auto="fp32"):
 def resolve_precision(precision, device, cpu_auto="fp32"):
     """What `--precision auto` means on `device`: the authors' numerics on CUDA (TF32 convolutions);
     on a CPU `cpu_auto` -- fp32, or bf16 where the script has shown bf16 tracks fp32 (distill.py) and
-    the CPU has AMX (bf16 matrix units; elsewhere bf16 is emulated and slower than fp32)."""
+    the CPU has AMX, where that was measured. A CPU with only avx512_bf16 (this workplace's AMD EPYC)
+    runs bf16 1.7-2.2x faster than fp32 too (results/bench/cpu_amd_epyc.md) but stays fp32 here until
+    the 1000-step numerics check has run on one; without either, bf16 is emulated and slower."""
     if precision != "auto":
         return precision
     if torch.device(device).type == "cuda":
