@@ -223,5 +223,6 @@ def fig8_table(runs):
         lines.append(f"| {os.path.normpath(d)} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
+
 if __name__ == "__main__":
     run_main(main)
