@@ -89,7 +89,7 @@ def add_precision_arg(p, cpu_auto="fp32"):
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="numerics: fp32; tf32-conv (CUDA: TF32 convolutions, fp32 matmuls, the authors' runs); "
                         "tf32 (CUDA: TF32 convolutions and matmuls); bf16 autocast; auto = tf32-conv on CUDA, "
-                        f"{cpu_auto} on a CPU{' with AMX (else fp32)' if cpu_auto == 'bf16' else ''} "
+                        f"{cpu_auto} on a CPU{' with AMX or AVX512-BF16 (else fp32)' if cpu_auto == 'bf16' else ''} "
                         "(RESULTS.md, 'Numerics'). provenance.json and args.json record what ran")
 
 
@@ -1046,18 +1046,23 @@ def setup_device(device, precision="auto", cpu_auto="fp32"):
     return dev
 
 
+def native_bf16():
+    """Whether this CPU computes bf16 in hardware: AMX tiles (Intel Xeon 4th gen+) or AVX512-BF16
+    dot products (AMD Zen 4+, Intel Cooper Lake+). Without either, oneDNN emulates bf16, slower than fp32."""
+    units = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, f, lambda: False)() for f in units)
+
+
 def resolve_precision(precision, device, cpu_auto="fp32"):
     """What `--precision auto` means on `device`: the authors' numerics on CUDA (TF32 convolutions);
     on a CPU `cpu_auto` -- fp32, or bf16 where the script has shown bf16 tracks fp32 (distill.py) and
-    the CPU has AMX, where that was measured. A CPU with only avx512_bf16 (this workplace's AMD EPYC)
-    runs bf16 1.7-2.2x faster than fp32 too (results/bench/cpu_amd_epyc.md) but stays fp32 here until
-    the 1000-step numerics check has run on one; without either, bf16 is emulated and slower."""
+    the CPU computes bf16 natively: the 1000-step numerics check passed on an AMX Xeon and on an
+    avx512_bf16 AMD EPYC (RESULTS.md, 'Numerics'), where bf16 is 1.7-2.6x faster than fp32."""
     if precision != "auto":
         return precision
     if torch.device(device).type == "cuda":
         return "tf32-conv"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if cpu_auto == "bf16" and amx else "fp32"
+    return "bf16" if cpu_auto == "bf16" and native_bf16() else "fp32"
 
 
 def use_channels_last(flag, device):

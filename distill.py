@@ -41,9 +41,10 @@ from common import (ARCHS, BOTTLENECKS, DATASETS, NOISE, NORMS, NonFiniteLoss, U
                     world, write_args, write_json, write_jsonl, write_provenance, write_text)
 
 
-# `--precision auto` on a CPU with AMX: bf16, by the rule "the fastest setting whose first 1000 steps
-# match fp32's within probe noise", measured for VGG11 (both heads) and ResNet20 (BatchNorm):
-# RESULTS.md, 'Numerics'. On CUDA auto stays the authors' numerics (TF32 convolutions).
+# `--precision auto` on a CPU with native bf16 (AMX or AVX512-BF16): bf16, by the rule "the fastest
+# setting whose first 1000 steps match fp32's within probe noise", measured for VGG11 (both heads)
+# and ResNet20 (BatchNorm) on an AMX Xeon and an AVX512-BF16 EPYC: RESULTS.md, 'Numerics'.
+# On CUDA auto stays the authors' numerics (TF32 convolutions).
 CPU_AUTO_PRECISION = "bf16"
 
 def parse_args(argv=None):

@@ -1,6 +1,7 @@
 """The CPU's fast defaults (RESULTS.md, Speed and Numerics): distill.py's `--precision auto` is bf16
-on a CPU with AMX, channels_last follows it, glibc keeps freed memory -- and `--precision fp32`
-still runs the fp32 path bit for bit, a resumed run keeps the numerics it started with."""
+on a CPU that computes bf16 natively (AMX or AVX512-BF16), channels_last follows it, glibc keeps
+freed memory -- and `--precision fp32` still runs the fp32 path bit for bit, a resumed run keeps the
+numerics it started with."""
 import json
 import os
 import subprocess
@@ -13,26 +14,32 @@ import common
 import distill
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+NATIVE_BF16 = common.native_bf16()
 SMALL = ["--dataset", "fake", "--arch", "vgg11", "--out-dim", "256", "--batch-size", "64", "--steps", "3",
          "--probe-steps", "3", "--probe-samples", "128", "64", "--compile", "none", "--device", "cpu"]
 
 
-def amx(monkeypatch, present):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: present, raising=False)
+def bf16_units(monkeypatch, amx, avx512_bf16=None):
+    """Pretend the CPU has (or lacks) AMX tiles and AVX512-BF16 (the latter follows AMX unless given)."""
+    avx512_bf16 = amx if avx512_bf16 is None else avx512_bf16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
 
 
 def test_auto_resolves_per_device_and_per_script(monkeypatch):
-    amx(monkeypatch, True)
+    bf16_units(monkeypatch, True)
     assert common.resolve_precision("auto", "cpu", distill.CPU_AUTO_PRECISION) == "bf16"
     assert common.resolve_precision("auto", "cpu") == "fp32"   # the other scripts: no bf16 evidence for them
     assert common.resolve_precision("auto", "cuda", distill.CPU_AUTO_PRECISION) == "tf32-conv"   # the authors'
     assert common.resolve_precision("fp32", "cpu", distill.CPU_AUTO_PRECISION) == "fp32"
-    amx(monkeypatch, False)   # emulated bf16 is slower than fp32: no bf16 without the matrix units
+    bf16_units(monkeypatch, False, avx512_bf16=True)   # the AMD EPYC: bf16 dot products, no AMX tiles
+    assert common.resolve_precision("auto", "cpu", distill.CPU_AUTO_PRECISION) == "bf16"
+    assert common.resolve_precision("auto", "cpu") == "fp32"
+    bf16_units(monkeypatch, False)   # emulated bf16 is slower than fp32: no bf16 without bf16 units
     assert common.resolve_precision("auto", "cpu", distill.CPU_AUTO_PRECISION) == "fp32"
 
 
-@pytest.mark.skipif(not AMX, reason="this CPU has no AMX: distill.py's auto is fp32 here")
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no bf16 units: distill.py's auto is fp32 here")
 def test_distill_default_on_this_cpu_is_bf16_activations_in_channels_last(tmp_path):
     rows = distill.main([*SMALL, "--out", str(tmp_path)])
     assert common.activation_dtype() == torch.bfloat16
@@ -49,7 +56,7 @@ def test_distill_default_on_this_cpu_is_bf16_activations_in_channels_last(tmp_pa
 
 def test_fp32_flag_reproduces_the_fp32_path_exactly(tmp_path, monkeypatch):
     explicit = distill.main([*SMALL, "--alpha", "0.5", "--precision", "fp32", "--out", str(tmp_path / "a")])
-    amx(monkeypatch, False)   # auto without AMX: the fp32 path as it ran before bf16 became the default
+    bf16_units(monkeypatch, False)   # auto without bf16 units: the fp32 path as it ran before bf16 became the default
     before = distill.main([*SMALL, "--alpha", "0.5", "--out", str(tmp_path / "b")])
     assert common.activation_dtype() == torch.float32 and not common.use_channels_last("auto", "cpu")
     drop = {"seconds"}
@@ -58,9 +65,9 @@ def test_fp32_flag_reproduces_the_fp32_path_exactly(tmp_path, monkeypatch):
 
 
 def test_a_resumed_run_keeps_the_numerics_it_started_with(tmp_path, monkeypatch):
-    amx(monkeypatch, False)   # started when auto meant fp32 here
+    bf16_units(monkeypatch, False)   # started when auto meant fp32 here
     distill.main([*SMALL, "--out", str(tmp_path)])
-    amx(monkeypatch, True)    # resumed where auto means bf16: it goes on in fp32
+    bf16_units(monkeypatch, True)    # resumed where auto means bf16: it goes on in fp32
     longer = " ".join(SMALL).replace("--steps 3 --probe-steps 3", "--steps 5 --probe-steps 3 5").split()
     rows = distill.main([*longer, "--out", str(tmp_path)])
     prov = json.loads((tmp_path / "provenance.json").read_text())

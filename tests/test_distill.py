@@ -230,7 +230,7 @@ def test_plot_finds_each_sweep_from_the_runs_own_arguments(tmp_path):
 
 
 def test_bf16_changes_the_numbers_within_tolerance(tmp_path):
-    # (the CPU default, bf16 on AMX and fp32 elsewhere, bit for bit: tests/test_cpu_defaults.py)
+    # (the CPU default, bf16 with bf16 units and fp32 elsewhere, bit for bit: tests/test_cpu_defaults.py)
     flags = ["--arch", "resnet20", "--out-dim", "256", "--epochs", "1", "--alpha", "0.5"]
     fp32 = run(tmp_path / "fp32", *flags, "--precision", "fp32")
     bf16 = run(tmp_path / "bf16", *flags, "--precision", "bf16")

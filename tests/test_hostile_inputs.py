@@ -72,7 +72,7 @@ def test_resume_on_other_data_is_refused(tmp_path):
     flags = [*FAST, "--dataset", "imagefolder", "--data-root", str(tree), "--out", str(tmp_path / "run")]
     distill.main([*flags, "--epochs", "1"])
     prov = json.loads((tmp_path / "run" / "provenance.json").read_text())
-    ran = common.resolve_precision("auto", "cpu", distill.CPU_AUTO_PRECISION)   # bf16 on an AMX CPU
+    ran = common.resolve_precision("auto", "cpu", distill.CPU_AUTO_PRECISION)   # bf16 on a CPU with bf16 units
     assert prov["data"]["imagefolder"]["fingerprint"] and prov["segments"][0]["precision"] == ran
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert args["precision"] == "auto" and args["precision_used"] == ran and args["script"] == "distill.py"
