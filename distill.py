@@ -400,12 +400,16 @@ def metrics_row(step, train_stats, student, theta0, probes, args, steps_per_epoc
 
 
 @torch.no_grad()
-def initial_losses(student, teacher, x_distill, distill_data, device):
-    """The untrained student's loss on the first 2048 distillation images (step 0 of Fig. 17)."""
+def initial_losses(student, teacher, x_distill, distill_data, device, chunk=256):
+    """The untrained student's loss on the first 2048 distillation images (step 0 of Fig. 17), in
+    chunks: one 2048-image forward of ResNet50 at 32x32 holds ~9 GB on a CPU (OOM beside the probes)."""
     student.eval()
-    with autocast(device):
-        x0 = normalize(x_distill[:2048], distill_data)
-        ce, kl, entropy = (v.item() for v in distillation_loss(student(x0), teacher(x0)))
+    x0, sums = x_distill[:2048], torch.zeros(3, dtype=torch.float64)
+    for xb in x0.split(chunk):
+        with autocast(device):
+            xb = normalize(xb, distill_data)
+            sums += torch.stack(distillation_loss(student(xb), teacher(xb))).double().cpu() * len(xb)
+    ce, kl, entropy = (sums / len(x0)).tolist()   # the mean over all images, as one batch gives it
     return dict(ce=ce, kl=kl, teacher_entropy=entropy)
 
 

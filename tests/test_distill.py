@@ -128,6 +128,20 @@ def test_dead_relu_is_reported_per_relu_call(arch, calls):
     assert stats["code_std"] > 0 and stats["embed_norm"] > 0
 
 
+def test_step_zero_loss_runs_in_chunks_and_equals_the_one_batch_loss():
+    # one 2048-image forward of ResNet50 held ~9 GB and OOM-killed Table 5's run at step 0
+    teacher, student = (make_model("resnet20", out_dim=64, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+    teacher.eval().requires_grad_(False)
+    x = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(2))   # float: used as it is
+    sizes = []
+    student.register_forward_pre_hook(lambda m, inputs: sizes.append(len(inputs[0])))
+    got = distill.initial_losses(student, teacher, x, None, "cpu", chunk=16)
+    assert sizes == [16, 16, 8]
+    with torch.no_grad():
+        ce, kl, entropy = (v.item() for v in distill.distillation_loss(student(x), teacher(x)))
+    assert got == pytest.approx(dict(ce=ce, kl=kl, teacher_entropy=entropy), rel=1e-5) and got["kl"] > 0
+
+
 def test_restart_makes_the_trained_student_the_teacher(tmp_path):
     flags = ["--arch", "resnet20", "--out-dim", "256", "--epochs", "1"]
     run(tmp_path / "first", *flags)
