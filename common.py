@@ -1057,7 +1057,7 @@ def resolve_precision(precision, device, cpu_auto="fp32"):
     """What `--precision auto` means on `device`: the authors' numerics on CUDA (TF32 convolutions);
     on a CPU `cpu_auto` -- fp32, or bf16 where the script has shown bf16 tracks fp32 (distill.py) and
     the CPU computes bf16 natively: the 1000-step numerics check passed on an AMX Xeon and on an
-    avx512_bf16 AMD EPYC (RESULTS.md, 'Numerics'), where bf16 is 1.7-2.6x faster than fp32."""
+    avx512_bf16 AMD EPYC (RESULTS.md, 'Numerics'), where bf16 is 1.7-2.2x faster than fp32."""
     if precision != "auto":
         return precision
     if torch.device(device).type == "cuda":
