@@ -9,7 +9,7 @@ share a basin; copies started at the random init θ_S (the teacher's location) d
 
     python lmc.py --arch resnet18 --init student:runs/resnet18_a1e-10_cifar10/best.pt --out runs/lmc_student
     python lmc.py --arch resnet18 --init random --out runs/lmc_random
-    python lmc.py --plot runs/lmc_random runs/lmc_student --out runs                      # Fig. 9
+    python lmc.py --plot runs/lmc_random runs/lmc_student --out runs        # Fig. 9: fig9.png, fig9.md
     python lmc.py --arch resnet20 --dataset fake --epochs 1 --copies 2 --points 5 --out runs/dry
 
 Batch norm along the path (`--bn`): `interpolate` treats running statistics like weights (every
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from common import (accuracy, add_supervised_args, arg_parser, at_least, atomic_save, autocast, check_run_kind,
                     check_same_data, check_supervised_args, data_record, start_provenance, write_provenance, normalize, open_run_dir, pyplot, read_jsonl, recipe_captions,
                     release_run_dir, run_main, save_figure, seed_type, setup_device, sgd, supervised_epoch, supervised_start,
-                    UserError, write_json, write_jsonl)
+                    UserError, write_json, write_jsonl, write_text)
 
 
 def parse_args(argv=None):
@@ -167,9 +167,11 @@ def main(argv=None):
 
 
 def plot_fig9(run_dirs, path):
-    """Fig. 9: test error along the linear paths, one panel per run (init); pairs thin, mean bold."""
+    """Fig. 9: test error along the linear paths, one panel per run (init); pairs thin, mean bold.
+    The same numbers go to fig9.md beside the figure."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(4.5 * len(run_dirs), 3.8), squeeze=False, sharey=True)
+    runs = []
     for ax, d in zip(axes[0], run_dirs):
         check_run_kind(d, "lmc.py")
         try:
@@ -179,6 +181,7 @@ def plot_fig9(run_dirs, path):
         except (OSError, ValueError) as e:
             raise UserError(f"--plot {d}: not a finished lmc.py run ({type(e).__name__}: metrics.jsonl and "
                             f"summary.json needed)") from None
+        runs.append((d, rows, summary))
         for r in rows:
             ax.plot(r["gammas"], [100 * e for e in r["errors"]], color="C0", lw=0.8, alpha=0.5)
         mean = [100 * statistics.fmean(es) for es in zip(*(r["errors"] for r in rows))]
@@ -191,7 +194,21 @@ def plot_fig9(run_dirs, path):
     captions = recipe_captions(run_dirs)
     if captions:
         fig.suptitle("linear mode connectivity (Fig. 9): " + "; ".join(captions), fontsize=10)
-    return save_figure(fig, path)
+    path = save_figure(fig, path)
+    write_text(os.path.join(os.path.dirname(path), "fig9.md"), fig9_table(runs))
+    return path
+
+
+def fig9_table(runs):
+    """One row per run: its copies' own test errors, each pair's barrier and their mean ± std (%)."""
+    lines = ["| run | start | BN along the path | copy test errors | barrier per pair | barrier, mean ± std |",
+             "|---|---|---|---|---|---|"]
+    for d, rows, summary in runs:
+        errors = " / ".join(f"{100 * e:.1f}" for e in summary["copy_errors"])
+        pairs = " / ".join(f"{100 * r['barrier']:.1f} ({r['i']}-{r['j']})" for r in rows)
+        lines.append(f"| {os.path.normpath(d)} | {summary['init']} | {summary['bn']} | {errors} | {pairs} | "
+                     f"**{100 * summary['barrier_mean']:.1f} ± {100 * summary['barrier_std']:.1f}** |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -40,6 +40,19 @@ def test_path_endpoints_reproduce_each_copys_own_error(run):
     assert (out / "fig9.png").stat().st_size > 10_000 and (out / "summary.json").exists()
 
 
+def test_plot_writes_fig9_md_with_every_pairs_barrier_from_the_files(run, tmp_path):
+    out, rows, summary = run
+    lmc.main(["--plot", str(out), str(out), "--out", str(tmp_path)])
+    table = (tmp_path / "fig9.md").read_text().splitlines()
+    assert len(table) == 2 + 2   # header, rule, one row per run directory
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[:3] == [str(out), "random", "interpolate"]
+    assert cells[3] == " / ".join(f"{100 * e:.1f}" for e in summary["copy_errors"])
+    assert cells[4] == " / ".join(f"{100 * r['barrier']:.1f} ({r['i']}-{r['j']})" for r in rows)
+    assert cells[5] == f"**{100 * summary['barrier_mean']:.1f} ± {100 * summary['barrier_std']:.1f}**"
+    assert table[3] == table[2] and (tmp_path / "fig9.png").exists()
+
+
 def test_copies_differ_by_seed_only(run, tmp_path):
     out, _, _ = run
     a, b = copy_state(out, 0), copy_state(out, 1)
